@@ -1,0 +1,153 @@
+"""HTTP handlers: the OpenAI API, model listing, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+
+import orjson
+from aiohttp import web
+
+from .accesslog import RequestRecord
+from .body import read_json_body
+from .errors import (GatewayDraining, GatewayError, InternalError, MethodNotAllowed, ModelNotFound, NotFound,
+                     error_response)
+from .gateway import GATEWAY_KEY, Gateway
+from .metrics import CONTENT_TYPE
+
+log = logging.getLogger("synapse.api")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ROUTED = {"exact", "alias", "pattern", "discovered"}
+INFERENCE_PATHS = {
+    "/v1/chat/completions": "/chat/completions",
+    "/v1/completions": "/completions",
+    "/v1/embeddings": "/embeddings",
+}
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id")
+    return given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _json(body: object, status: int = 200, request_id: str | None = None) -> web.Response:
+    headers = {"x-request-id": request_id} if request_id else None
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json",
+                        headers=headers)
+
+
+class Api:
+    """The route handlers; each one reads the gateway from the app it serves."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app[GATEWAY_KEY]
+
+    async def inference(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions, /v1/completions, /v1/embeddings: route by model and forward."""
+        gateway = self.gateway
+        record = RequestRecord(_request_id(request), request.method, request.path, time.perf_counter())
+        try:
+            if gateway.draining:
+                raise GatewayDraining("the gateway is shutting down; retry on another replica", retry_after=1)
+            limit = gateway.loaded.config.server.max_body_size
+            payload, raw = await read_json_body(request, limit)
+            model = record.model = payload["model"]
+            record.stream = bool(payload.get("stream"))
+            resolution = gateway.router.resolve(model, use_fallback=False)
+            if resolution is None:
+                await gateway.catalog.refresh_on_miss(model)
+                resolution = gateway.router.resolve(model)
+            if resolution is None:
+                raise ModelNotFound(model)
+            record.route = resolution.source
+            return await gateway.proxy.forward(request, record, resolution, payload=payload, raw=raw,
+                                               api_path=INFERENCE_PATHS[request.path])
+        except GatewayError as exc:
+            return self._fail(record, exc, request)
+        except (asyncio.CancelledError, ConnectionResetError):
+            record.status, record.error = 499, "client disconnected"
+            raise
+        except Exception:
+            log.exception("unexpected error", extra={"fields": {"request_id": record.request_id}})
+            return self._fail(record, InternalError(record.request_id), request)
+        finally:
+            self._finish(gateway, record)
+
+    def _fail(self, record: RequestRecord, exc: GatewayError, request: web.Request) -> web.Response:
+        record.status, record.error = exc.status, exc.message
+        headers = {"x-request-id": record.request_id}
+        if record.backend:
+            headers["x-synapse-backend"] = record.backend
+        return error_response(exc, headers)
+
+    def _finish(self, gateway: Gateway, record: RequestRecord) -> None:
+        finished = time.perf_counter()
+        routed = record.route in _ROUTED or (record.route == "fallback" and record.status < 400)
+        label = record.model if routed and record.model else "unknown"
+        ttft = record.ttft if record.stream else None
+        gateway.metrics.observe(model=label, backend=record.backend or "none", status=record.status,
+                                seconds=finished - record.started, ttft=ttft)
+        if record.tokens_in is not None or record.tokens_out is not None:
+            gateway.metrics.tokens.labels(label, "in").inc(record.tokens_in or 0)
+            gateway.metrics.tokens.labels(label, "out").inc(record.tokens_out or 0)
+        record.emit(finished)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        """GET /v1/models: configured and discovered models, each once."""
+        gateway = self.gateway
+        if not gateway.router.discovered and any(b.discover for b in gateway.backends.values()):
+            await gateway.catalog.refresh_on_miss("")
+        created = int(gateway.started_at)
+        data = [{"id": name, "object": "model", "created": created, "owned_by": owner}
+                for name, owner in sorted(gateway.router.public_models().items())]
+        return _json({"object": "list", "data": data}, request_id=_request_id(request))
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id}: one listed model, or 404 model_not_found."""
+        gateway = self.gateway
+        model = request.match_info["model"]
+        owner = gateway.router.public_models().get(model)
+        if owner is None:
+            await gateway.catalog.refresh_on_miss(model)
+            owner = gateway.router.public_models().get(model)
+        request_id = _request_id(request)
+        if owner is None:
+            return error_response(ModelNotFound(model), {"x-request-id": request_id})
+        return _json({"id": model, "object": "model", "created": int(gateway.started_at), "owned_by": owner},
+                     request_id=request_id)
+
+    async def live(self, request: web.Request) -> web.Response:
+        return _json({"status": "alive"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        """GET /health/ready: 200 once the config is loaded and until shutdown starts; lists backends."""
+        gateway = self.gateway
+        backends = {b.name: {"url": b.url, "protocol": b.protocol, "reachable": b.reachable,
+                             "error": b.last_error, "in_flight": b.in_flight,
+                             "models": sorted(b.discovered or b.static_models)}
+                    for b in gateway.backends.values()}
+        if gateway.draining or not gateway.ready:
+            return _json({"status": "draining" if gateway.draining else "starting", "backends": backends}, 503)
+        return _json({"status": "ready", "backends": backends})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        gateway = self.gateway
+        for backend in gateway.backends.values():
+            gateway.metrics.backend_up.labels(backend.name).set(1 if backend.reachable else 0)
+        return web.Response(body=gateway.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        error = NotFound(f"{request.method} {request.path} is not a route of this gateway; "
+                         "see the README for the API")
+        return error_response(error, {"x-request-id": _request_id(request)})
+
+    async def method_not_allowed(self, request: web.Request) -> web.Response:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+        return error_response(error, {"x-request-id": _request_id(request)})

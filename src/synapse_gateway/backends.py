@@ -1,0 +1,51 @@
+"""Runtime view of the configured backends: addresses, auth headers, timeouts and load counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config.schema import BackendConfig, Timeouts
+
+_HEALTH_PATH = {"openai": "/v1/models", "vllm": "/health", "ollama": "/api/version"}
+
+
+@dataclass(eq=False, slots=True)
+class Backend:
+    """One inference server and what the gateway currently knows about it."""
+
+    name: str
+    protocol: str
+    url: str
+    openai_base: str
+    headers: dict[str, str]
+    timeouts: Timeouts
+    discover: bool
+    health_path: str
+    static_models: tuple[str, ...] = ()
+    in_flight: int = 0
+    reachable: bool | None = None
+    last_error: str | None = None
+    discovered: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_config(cls, name: str, config: BackendConfig, default_timeouts: Timeouts) -> Backend:
+        openai_base = config.url if config.url.endswith("/v1") else config.url + "/v1"
+        root = config.url.removesuffix("/v1")
+        headers = dict(config.headers)
+        if config.api_key:
+            headers["Authorization"] = f"Bearer {config.api_key}"
+        return cls(
+            name=name,
+            protocol=config.protocol,
+            url=root,
+            openai_base=openai_base,
+            headers=headers,
+            timeouts=config.timeouts.over(default_timeouts),
+            discover=config.discover,
+            health_path=config.health_path or _HEALTH_PATH[config.protocol],
+            static_models=tuple(config.models),
+        )
+
+    def endpoint(self, api_path: str) -> str:
+        """The upstream URL for an OpenAI path such as "/chat/completions"."""
+        return self.openai_base + api_path

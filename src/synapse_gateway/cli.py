@@ -1,0 +1,67 @@
+"""The `synapse` command: serve the gateway, check a config."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+from .accesslog import setup_logging
+from .config import ConfigError, LoadedConfig, check_file, load_config
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="synapse")
+def main() -> None:
+    """Synapse: one OpenAI-compatible endpoint in front of your inference servers."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="SYNAPSE_CONFIG",
+              help="Config file (native or LiteLLM format). Default: the embedded default.")
+@click.option("--host", default=None, help="Address to listen on (default: server.host, 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port to listen on (default: server.port, 4000).")
+@click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True,
+              help="json: one object per line, for log collectors; text: for reading in a terminal.")
+def serve(config_path: str | None, host: str | None, port: int | None, log_format: str) -> None:
+    """Run the gateway."""
+    loaded = _load_or_exit(config_path)
+    settings = loaded.config.server
+    setup_logging(settings.log_level, access=settings.access_log, json_lines=log_format == "json")
+    import logging
+
+    log = logging.getLogger("synapse.config")
+    for warning in loaded.warnings:
+        log.warning("%s", warning.render())
+    from .server import run
+
+    run(loaded, host or settings.host, settings.port if port is None else port)
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+def check(config_file: str) -> None:
+    """Validate CONFIG_FILE; print each problem with its line and a fix; exit 1 on any error."""
+    problems = check_file(config_file)
+    errors = [p for p in problems if p.severity == "error"]
+    for problem in problems:
+        click.echo(problem.render(), err=problem.severity == "error")
+    if errors:
+        click.echo(f"{config_file}: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)", err=True)
+        sys.exit(1)
+    click.echo(f"{config_file}: OK ({len(problems)} warning(s))")
+
+
+def _load_or_exit(config_path: str | None) -> LoadedConfig:
+    try:
+        if config_path is None:
+            from .defaults import default_config
+
+            return default_config()
+        return load_config(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(problem.render(), err=True)
+        click.echo("synapse: the configuration has errors; `synapse check FILE` shows them all", err=True)
+        sys.exit(2)

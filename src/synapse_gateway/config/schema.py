@@ -1,0 +1,133 @@
+"""The native configuration format: backends, routes, a fallback, timeouts and limits."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .units import Duration, Size
+
+Protocol = Literal["openai", "vllm", "ollama"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Strict):
+    """How long to wait for a backend; the first-byte default leaves room for a model that is loading."""
+
+    connect: Duration = Field(5.0, gt=0)
+    first_byte: Duration = Field(600.0, gt=0)
+    stream_idle: Duration = Field(300.0, gt=0)
+    total: Duration | None = Field(None, gt=0)
+
+
+class TimeoutsOverride(_Strict):
+    """Per-backend timeouts; unset fields inherit the global ones."""
+
+    connect: Duration | None = Field(None, gt=0)
+    first_byte: Duration | None = Field(None, gt=0)
+    stream_idle: Duration | None = Field(None, gt=0)
+    total: Duration | None = Field(None, gt=0)
+
+    def over(self, base: Timeouts) -> Timeouts:
+        updates = {k: v for k, v in self.model_dump().items() if v is not None}
+        return base.model_copy(update=updates)
+
+
+class BackendConfig(_Strict):
+    """One inference server Synapse forwards to."""
+
+    url: str
+    protocol: Protocol = "openai"
+    api_key: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    models: list[str] = Field(default_factory=list)
+    discover: bool = True
+    timeouts: TimeoutsOverride = Field(default_factory=TimeoutsOverride)
+    health_path: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http(s) URL|write e.g. http://127.0.0.1:8000")
+        return url.rstrip("/")
+
+
+class DeploymentConfig(_Strict):
+    """One backend that serves a route, optionally under another (upstream) model name."""
+
+    backend: str
+    model: str | None = None
+
+
+class RouteConfig(_Strict):
+    """A public model name (or glob pattern) and the deployments that serve it, in order of preference."""
+
+    model: str | None = None
+    pattern: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    backend: str | None = None
+    upstream: str | None = None
+    deployments: list[DeploymentConfig] = Field(default_factory=list)
+    fallbacks: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _shape(self) -> RouteConfig:
+        if (self.model is None) == (self.pattern is None):
+            raise ValueError("a route needs exactly one of `model` or `pattern`|write `model: NAME` (an exact name) or `pattern: \"qwen*\"` (a glob)")
+        if self.backend and self.deployments:
+            raise ValueError("`backend` and `deployments` are both given|keep `backend: NAME` for one deployment, or a `deployments:` list")
+        if not self.backend and not self.deployments:
+            raise ValueError("the route has no backend|add `backend: NAME`, or a `deployments:` list of `- backend: NAME`")
+        if self.upstream and not self.backend:
+            raise ValueError("`upstream` goes with `backend`|in a `deployments` list, set each deployment's `model` instead")
+        return self
+
+    def deployment_list(self) -> list[DeploymentConfig]:
+        if self.backend:
+            return [DeploymentConfig(backend=self.backend, model=self.upstream)]
+        return list(self.deployments)
+
+
+class RoutingPolicy(_Strict):
+    """Retries, failover and cooldown across the deployments of one model."""
+
+    retries: int = Field(2, ge=0, le=10)
+    allowed_fails: int = Field(3, ge=1)
+    cooldown: Duration = Field(30.0, ge=0)
+    strategy: Literal["least-in-flight"] = "least-in-flight"
+
+
+class DiscoveryConfig(_Strict):
+    """How often backends are asked which models they serve."""
+
+    interval: Duration = Field(60.0, gt=0)
+    negative_ttl: Duration = Field(10.0, ge=0)
+    min_refresh_gap: Duration = Field(2.0, ge=0)
+
+
+class ServerConfig(_Strict):
+    """Listening address, request limits and shutdown."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(4000, ge=0, le=65535)
+    max_body_size: Size = Field(32 * 1024 * 1024, gt=0)
+    drain_timeout: Duration = Field(30.0, ge=0)
+    access_log: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class SynapseConfig(_Strict):
+    """The whole gateway configuration."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    backends: dict[str, BackendConfig] = Field(default_factory=dict)
+    routes: list[RouteConfig] = Field(default_factory=list)
+    fallback: str | None = None

@@ -1,0 +1,91 @@
+"""The gateway's exceptions and the one place that renders them as OpenAI error envelopes."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+
+class GatewayError(Exception):
+    """An error answered to the client with the OpenAI envelope and `status`."""
+
+    status = 500
+    error_type = "api_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+    def envelope(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
+                          "code": self.code}}
+
+
+class InvalidRequest(GatewayError):
+    status, error_type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class ModelNotFound(GatewayError):
+    status, error_type, code = 404, "invalid_request_error", "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist or is not served by this gateway; "
+                         "GET /v1/models lists the available models.", param="model")
+
+
+class NotFound(GatewayError):
+    status, error_type, code = 404, "invalid_request_error", "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status, error_type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status, error_type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class BackendUnavailable(GatewayError):
+    status, error_type, code = 503, "api_error", "backend_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class GatewayDraining(BackendUnavailable):
+    code = "shutting_down"
+
+
+class BackendTimeout(GatewayError):
+    status, error_type, code = 504, "api_error", "backend_timeout"
+
+
+class BadGateway(GatewayError):
+    status, error_type, code = 502, "api_error", "bad_gateway"
+
+
+class InternalError(GatewayError):
+    status, error_type, code = 500, "api_error", "internal_error"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"internal error (request id {request_id})")
+
+
+def error_response(error: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
+    """The HTTP response for `error`: the envelope, its status, and Retry-After where it applies."""
+    response = web.Response(body=orjson.dumps(error.envelope()), status=error.status,
+                            content_type="application/json", headers=headers)
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
+
+
+def error_event(error: GatewayError) -> bytes:
+    """The final SSE event that ends a stream which failed after its first byte."""
+    return b"data: " + orjson.dumps(error.envelope()) + b"\n\n"

@@ -1,0 +1,168 @@
+"""Forwards one API request: attempts across deployments with failover, then relays the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .accesslog import RequestRecord
+from .balancer import Balancer, Target
+from .errors import GatewayError
+from .metrics import Metrics
+from .routing import Resolution, Router
+from .streaming import relay_sse
+from .upstream import AttemptFailed, send, transport_errors
+
+log = logging.getLogger("synapse.proxy")
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+class Proxy:
+    """Sends requests to backends; owns nothing but references to the app's shared parts."""
+
+    def __init__(self, session: aiohttp.ClientSession, router: Router, balancer: Balancer,
+                 metrics: Metrics) -> None:
+        self.session = session
+        self.router = router
+        self.balancer = balancer
+        self.metrics = metrics
+
+    async def forward(self, request: web.Request, record: RequestRecord, resolution: Resolution, *,
+                      payload: dict[str, Any], raw: bytes, api_path: str) -> web.StreamResponse:
+        """Try the resolution's deployments (then its fallback models) until one answers."""
+        stream = bool(payload.get("stream"))
+        failure: AttemptFailed | None = None
+        attempt = 0
+        for target in self._plan(resolution):
+            if attempt:
+                record.retries += 1
+                self.metrics.retries.labels(resolution.model, target.backend.name).inc()
+            attempt += 1
+            record.backend, record.upstream_model = target.backend.name, target.upstream_model
+            body = raw if target.upstream_model == payload["model"] else orjson.dumps(
+                {**payload, "model": target.upstream_model})
+            try:
+                return await self._attempt(request, record, target, body, api_path, stream)
+            except AttemptFailed as exc:
+                failure = exc
+                self._count_failure(target, exc)
+        assert failure is not None
+        raise failure.to_gateway_error()
+
+    def _plan(self, resolution: Resolution) -> Iterator[Target]:
+        yield from self.balancer.attempts(resolution.targets)
+        for model in resolution.fallbacks:
+            fallback = self.router.resolve(model)
+            if fallback is not None:
+                log.info("model %s failed on every deployment; falling back to %s", resolution.model, model)
+                yield from self.balancer.attempts(fallback.targets)
+
+    def _count_failure(self, target: Target, exc: AttemptFailed) -> None:
+        backend = target.backend
+        self.metrics.upstream_errors.labels(backend.name, exc.kind).inc()
+        cooled = self.balancer.failed(target.deployment)
+        log.warning("attempt at backend %s failed (%s): %s%s", backend.name, exc.kind, exc.message,
+                    f"; cooling down for {self.balancer.policy.cooldown:g}s" if cooled else "")
+
+    async def _attempt(self, request: web.Request, record: RequestRecord, target: Target, body: bytes,
+                       api_path: str, stream: bool) -> web.StreamResponse:
+        backend = target.backend
+        headers = {"Content-Type": "application/json", "X-Request-Id": record.request_id, **backend.headers}
+        gauge = self.metrics.in_flight.labels(backend.name)
+        backend.in_flight += 1
+        gauge.inc()
+        upstream: aiohttp.ClientResponse | None = None
+        try:
+            upstream = await send(self.session, backend, backend.endpoint(api_path), body, headers)
+            if upstream.status >= 500:
+                raise await _status_failure(upstream, backend.name)
+            is_sse = upstream.content_type == "text/event-stream"
+            idle = backend.timeouts.stream_idle
+            if not (stream and is_sse and upstream.status == 200):
+                with transport_errors(backend, "the response body"):
+                    async with asyncio.timeout(idle):
+                        data = await upstream.read()
+                self.balancer.succeeded(target.deployment)
+                return _buffered_response(record, upstream, data)
+            with transport_errors(backend, "the first byte"):
+                async with asyncio.timeout(backend.timeouts.first_byte):
+                    first = await upstream.content.readany()
+            if not first:
+                raise AttemptFailed("protocol", f"backend {backend.name} ended the stream before any data")
+            record.first_byte = time.perf_counter()
+            self.balancer.succeeded(target.deployment)
+            response = _stream_response(record, upstream)
+            await relay_sse(request, upstream, first, response, record, idle)
+            return response
+        finally:
+            backend.in_flight -= 1
+            gauge.dec()
+            if upstream is not None:
+                upstream.close()
+
+
+async def _status_failure(upstream: aiohttp.ClientResponse, backend: str) -> AttemptFailed:
+    try:
+        async with asyncio.timeout(5):
+            await upstream.content.read(_ERROR_BODY_LIMIT)
+    except (TimeoutError, aiohttp.ClientError):
+        pass
+    return AttemptFailed("status", f"backend {backend} answered HTTP {upstream.status}",
+                         status=upstream.status, retry_after=upstream.headers.get("Retry-After"))
+
+
+def _response_headers(record: RequestRecord) -> dict[str, str]:
+    return {"x-request-id": record.request_id, "x-synapse-backend": record.backend or ""}
+
+
+def _buffered_response(record: RequestRecord, upstream: aiohttp.ClientResponse, data: bytes) -> web.Response:
+    record.status = upstream.status
+    content_type = upstream.headers.get("Content-Type", "application/json")
+    if upstream.status >= 400 and not _is_openai_error(data):
+        error = GatewayError(f"backend {record.backend} answered HTTP {upstream.status}: "
+                             f"{data[:300].decode('utf-8', 'replace')}", code="upstream_error")
+        error.error_type = "invalid_request_error"
+        data, content_type = orjson.dumps(error.envelope()), "application/json"
+    elif upstream.status == 200 and content_type.startswith("application/json"):
+        _record_usage(record, data)
+    response = web.Response(body=data, status=upstream.status, headers=_response_headers(record))
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def _stream_response(record: RequestRecord, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    record.status = upstream.status
+    response = web.StreamResponse(status=upstream.status, headers=_response_headers(record))
+    response.headers["Content-Type"] = upstream.headers.get("Content-Type", "text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
+
+
+def _record_usage(record: RequestRecord, data: bytes) -> None:
+    start = data.rfind(b'"usage"')
+    if start < 0:
+        return
+    try:
+        usage = orjson.loads(data).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return
+    if isinstance(usage, dict):
+        record.tokens_in = usage.get("prompt_tokens")
+        record.tokens_out = usage.get("completion_tokens")
+
+
+def _is_openai_error(data: bytes) -> bool:
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(body, dict) and isinstance(body.get("error"), dict)
+

@@ -1,0 +1,60 @@
+"""Runs the gateway: listen, serve, and on SIGTERM drain in-flight requests before exiting."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from .app import create_app
+from .config import LoadedConfig
+from .gateway import GATEWAY_KEY
+
+log = logging.getLogger("synapse")
+
+
+async def serve(loaded: LoadedConfig, host: str, port: int) -> None:
+    """Serve until SIGTERM or SIGINT; then stop accepting, let in-flight requests finish, and return."""
+    settings = loaded.config.server
+    app = create_app(loaded)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                           shutdown_timeout=settings.drain_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True)
+    await site.start()
+    log.info("listening on http://%s:%d (config: %s, %s format)", host, _bound_port(runner, port),
+             loaded.source, loaded.dialect)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        gateway = app.get(GATEWAY_KEY)
+        if gateway is not None:
+            gateway.draining = True
+        in_flight = sum(b.in_flight for b in gateway.backends.values()) if gateway else 0
+        log.info("shutting down: readiness is now false, %d requests in flight, waiting up to %gs",
+                 in_flight, settings.drain_timeout)
+        await runner.cleanup()
+        log.info("stopped")
+
+
+def _bound_port(runner: web.AppRunner, requested: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return requested
+
+
+def run(loaded: LoadedConfig, host: str, port: int) -> None:
+    """Run `serve` on uvloop where available."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        asyncio.run(serve(loaded, host, port))
+        return
+    uvloop.run(serve(loaded, host, port))

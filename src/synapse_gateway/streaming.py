@@ -1,0 +1,76 @@
+"""Server-sent events relayed chunk by chunk, and the token usage read from the end of a stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .accesslog import RequestRecord
+from .errors import BackendTimeout, BadGateway, GatewayError, error_event
+
+_TAIL_BYTES = 8192
+
+
+class UsageTail:
+    """Keeps the last few KiB of a stream to read `usage` from its final chunk."""
+
+    __slots__ = ("tail",)
+
+    def __init__(self) -> None:
+        self.tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self.tail = (self.tail + chunk)[-_TAIL_BYTES:]
+
+    def usage(self) -> dict[str, int] | None:
+        """The last `usage` object in the tail, if the backend sent one (stream_options.include_usage)."""
+        for event in reversed(self.tail.split(b"\n\n")):
+            start = event.find(b"data: {")
+            if start < 0 or b'"usage"' not in event:
+                continue
+            try:
+                usage = orjson.loads(event[start + 6:]).get("usage")
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(usage, dict):
+                return usage
+        return None
+
+
+async def relay_sse(request: web.Request, upstream: aiohttp.ClientResponse, first_chunk: bytes,
+                    response: web.StreamResponse, record: RequestRecord, idle_timeout: float) -> None:
+    """Copy the upstream stream to the client as it arrives; end a failed stream with an error event."""
+    await response.prepare(request)
+    tail = UsageTail()
+    chunk = first_chunk
+    failure: GatewayError | None = None
+    try:
+        while chunk:
+            await response.write(chunk)
+            tail.feed(chunk)
+            try:
+                async with asyncio.timeout(idle_timeout):
+                    chunk = await upstream.content.readany()
+            except TimeoutError:
+                failure = BackendTimeout(f"backend {record.backend} sent nothing for {idle_timeout:g}s")
+                break
+            except aiohttp.ClientError:
+                failure = BadGateway(f"backend {record.backend} dropped the stream")
+                break
+        if failure is not None:
+            record.error = failure.message
+            separator = b"" if tail.tail.endswith(b"\n\n") or not tail.tail else b"\n\n"
+            await response.write(separator + error_event(failure))
+        await response.write_eof()
+    finally:
+        _record_usage(record, tail)
+
+
+def _record_usage(record: RequestRecord, tail: UsageTail) -> None:
+    usage = tail.usage()
+    if usage is not None:
+        record.tokens_in = usage.get("prompt_tokens")
+        record.tokens_out = usage.get("completion_tokens")

