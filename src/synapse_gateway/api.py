@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .accesslog import RequestRecord
 from .body import read_json_body
-from .errors import (GatewayDraining, GatewayError, InternalError, MethodNotAllowed, ModelNotFound, NotFound,
+from .errors import (GatewayError, InternalError, MethodNotAllowed, ModelNotFound, NotFound,
                      error_response)
 from .gateway import GATEWAY_KEY, Gateway
 from .metrics import CONTENT_TYPE
@@ -54,8 +54,6 @@ class Api:
         gateway = self.gateway
         record = RequestRecord(_request_id(request), request.method, request.path, time.perf_counter())
         try:
-            if gateway.draining:
-                raise GatewayDraining("the gateway is shutting down; retry on another replica", retry_after=1)
             limit = gateway.loaded.config.server.max_body_size
             payload, raw = await read_json_body(request, limit)
             model = record.model = payload["model"]

@@ -58,10 +58,6 @@ class BackendUnavailable(GatewayError):
         super().__init__(message, retry_after=retry_after)
 
 
-class GatewayDraining(BackendUnavailable):
-    code = "shutting_down"
-
-
 class BackendTimeout(GatewayError):
     status, error_type, code = 504, "api_error", "backend_timeout"
 

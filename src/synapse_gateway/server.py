@@ -36,8 +36,12 @@ async def serve(loaded: LoadedConfig, host: str, port: int) -> None:
         gateway = app.get(GATEWAY_KEY)
         if gateway is not None:
             gateway.draining = True
+        if settings.shutdown_delay:
+            log.info("shutting down: readiness is now false; still serving for %gs so load balancers "
+                     "can stop sending traffic", settings.shutdown_delay)
+            await asyncio.sleep(settings.shutdown_delay)
         in_flight = sum(b.in_flight for b in gateway.backends.values()) if gateway else 0
-        log.info("shutting down: readiness is now false, %d requests in flight, waiting up to %gs",
+        log.info("shutting down: not accepting connections, %d requests in flight, waiting up to %gs",
                  in_flight, settings.drain_timeout)
         await runner.cleanup()
         log.info("stopped")

@@ -117,6 +117,7 @@ class ServerConfig(_Strict):
     port: int = Field(4000, ge=0, le=65535)
     max_body_size: Size = Field(32 * 1024 * 1024, gt=0)
     drain_timeout: Duration = Field(30.0, ge=0)
+    shutdown_delay: Duration = Field(0.0, ge=0)
     access_log: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
