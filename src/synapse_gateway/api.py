@@ -13,8 +13,7 @@ from aiohttp import web
 
 from .accesslog import RequestRecord
 from .body import read_json_body
-from .errors import (GatewayError, InternalError, MethodNotAllowed, ModelNotFound, NotFound,
-                     error_response)
+from .errors import GatewayError, InternalError, MethodNotAllowed, ModelNotFound, NotFound, error_response
 from .gateway import GATEWAY_KEY, Gateway
 from .metrics import CONTENT_TYPE
 

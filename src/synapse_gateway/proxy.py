@@ -39,12 +39,10 @@ class Proxy:
         """Try the resolution's deployments (then its fallback models) until one answers."""
         stream = bool(payload.get("stream"))
         failure: AttemptFailed | None = None
-        attempt = 0
-        for target in self._plan(resolution):
+        for attempt, target in enumerate(self._plan(resolution)):
             if attempt:
                 record.retries += 1
                 self.metrics.retries.labels(resolution.model, target.backend.name).inc()
-            attempt += 1
             record.backend, record.upstream_model = target.backend.name, target.upstream_model
             body = raw if target.upstream_model == payload["model"] else orjson.dumps(
                 {**payload, "model": target.upstream_model})

@@ -66,7 +66,7 @@ def test_oversized_body_is_413_and_the_gateway_keeps_serving(start_gateway: Gate
         assert caught.value.status_code == 413
         completion = client.chat.completions.create(model="llama-3.2-8b", messages=MESSAGES)
     assert completion.choices[0].message.content
-    assert all(len(r.body and orjson.dumps(r.body) or b"") < 1_000_000 for r in vllm.requests)
+    assert all(len((r.body and orjson.dumps(r.body)) or b"") < 1_000_000 for r in vllm.requests)
 
 
 def test_oversized_chunked_body_is_413(start_gateway: GatewayFactory, vllm: FakeVLLM) -> None:

@@ -143,9 +143,8 @@ def test_models_lists_configured_and_discovered_models_once(start_gateway: Gatew
     assert len(ids) == len(set(ids))
     assert {"chat", "gpt-4o", "llama-3.2-8b", "llama3.1:8b"} <= set(ids)
     assert retrieved.owned_by == "ollama"
-    with gw.client() as client:
-        with pytest.raises(openai.NotFoundError):
-            client.models.retrieve("not-there")
+    with gw.client() as client, pytest.raises(openai.NotFoundError):
+        client.models.retrieve("not-there")
 
 
 def test_model_ids_with_slashes_are_retrievable(start_gateway: GatewayFactory, vllm: FakeVLLM,

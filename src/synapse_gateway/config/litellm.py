@@ -7,7 +7,8 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from .problems import Path as KeyPath, Problem
+from .problems import Path as KeyPath
+from .problems import Problem
 
 # LiteLLM provider prefix -> Synapse backend protocol.
 PROVIDERS = {"openai": "openai", "hosted_vllm": "vllm", "ollama": "ollama", "ollama_chat": "ollama"}

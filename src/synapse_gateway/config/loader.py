@@ -7,14 +7,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from . import litellm
-from .problems import ConfigError, Path as KeyPath, Problem
+from .problems import ConfigError, Problem
+from .problems import Path as KeyPath
 from .schema import SynapseConfig
 
 Dialect = Literal["native", "litellm"]
@@ -131,13 +132,13 @@ def _known_keys() -> list[str]:
 def check_references(data: dict[str, Any]) -> list[Problem]:
     """Problems that span sections (unknown backends, names used twice), read from the raw config."""
     problems: list[Problem] = []
-    backends = data.get("backends") if isinstance(data.get("backends"), dict) else {}
+    backends = _mapping(data.get("backends"))
     known = sorted(backends)
     fix = f"use one of {known} or define it under `backends:`"
     fallback = data.get("fallback")
     if fallback is not None and fallback not in backends:
         problems.append(Problem("error", f"fallback {fallback!r} is not a backend", fix, ("fallback",)))
-    routes = data.get("routes") if isinstance(data.get("routes"), list) else []
+    routes = _sequence(data.get("routes"))
     names: dict[str, int] = {}
     for index, route in enumerate(routes):
         if not isinstance(route, dict):
@@ -145,7 +146,7 @@ def check_references(data: dict[str, Any]) -> list[Problem]:
         for where, backend in _route_backends(route, index):
             if backend not in backends:
                 problems.append(Problem("error", f"backend {backend!r} is not defined", fix, where))
-        aliases = route.get("aliases") if isinstance(route.get("aliases"), list) else []
+        aliases = _sequence(route.get("aliases"))
         for name in ([route["model"]] if isinstance(route.get("model"), str) else []) + aliases:
             if name in names:
                 problems.append(Problem("error", f"model name {name!r} is already used by routes[{names[name]}]",
@@ -155,10 +156,18 @@ def check_references(data: dict[str, Any]) -> list[Problem]:
     return problems
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _sequence(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def _route_backends(route: dict[str, Any], index: int) -> list[tuple[KeyPath, Any]]:
     if "backend" in route:
         return [(("routes", index, "backend"), route["backend"])]
-    deployments = route.get("deployments") if isinstance(route.get("deployments"), list) else []
+    deployments = _sequence(route.get("deployments"))
     return [(("routes", index, "deployments", i, "backend"), d.get("backend"))
             for i, d in enumerate(deployments) if isinstance(d, dict) and "backend" in d]
 
@@ -172,14 +181,15 @@ def _locate(problem: Problem, tree: Any, filename: str, dialect: Dialect) -> Pro
 
 def _line_of(tree: Any, path: KeyPath) -> int | None:
     """The 1-based line of the deepest element of `path` found in the round-trip YAML tree."""
-    node, line = tree, None
+    node: Any = tree
+    line = None
     for key in path:
         try:
             if isinstance(node, dict) and key in node:
-                line = node.lc.key(key)[0] + 1
+                line = cast(Any, node).lc.key(key)[0] + 1
                 node = node[key]
             elif isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
-                line = node.lc.item(key)[0] + 1
+                line = cast(Any, node).lc.item(key)[0] + 1
                 node = node[key]
             else:
                 break

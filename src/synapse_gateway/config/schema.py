@@ -46,7 +46,7 @@ class BackendConfig(_Strict):
     headers: dict[str, str] = Field(default_factory=dict)
     models: list[str] = Field(default_factory=list)
     discover: bool = True
-    timeouts: TimeoutsOverride = Field(default_factory=TimeoutsOverride)
+    timeouts: TimeoutsOverride = TimeoutsOverride()
     health_path: str | None = None
 
     @field_validator("url")
@@ -78,13 +78,17 @@ class RouteConfig(_Strict):
     @model_validator(mode="after")
     def _shape(self) -> RouteConfig:
         if (self.model is None) == (self.pattern is None):
-            raise ValueError("a route needs exactly one of `model` or `pattern`|write `model: NAME` (an exact name) or `pattern: \"qwen*\"` (a glob)")
+            raise ValueError("a route needs exactly one of `model` or `pattern`"
+                             "|write `model: NAME` (an exact name) or `pattern: \"qwen*\"` (a glob)")
         if self.backend and self.deployments:
-            raise ValueError("`backend` and `deployments` are both given|keep `backend: NAME` for one deployment, or a `deployments:` list")
+            raise ValueError("`backend` and `deployments` are both given"
+                             "|keep `backend: NAME` for one deployment, or a `deployments:` list")
         if not self.backend and not self.deployments:
-            raise ValueError("the route has no backend|add `backend: NAME`, or a `deployments:` list of `- backend: NAME`")
+            raise ValueError("the route has no backend"
+                             "|add `backend: NAME`, or a `deployments:` list of `- backend: NAME`")
         if self.upstream and not self.backend:
-            raise ValueError("`upstream` goes with `backend`|in a `deployments` list, set each deployment's `model` instead")
+            raise ValueError("`upstream` goes with `backend`"
+                             "|in a `deployments` list, set each deployment's `model` instead")
         return self
 
     def deployment_list(self) -> list[DeploymentConfig]:
@@ -125,10 +129,10 @@ class ServerConfig(_Strict):
 class SynapseConfig(_Strict):
     """The whole gateway configuration."""
 
-    server: ServerConfig = Field(default_factory=ServerConfig)
-    timeouts: Timeouts = Field(default_factory=Timeouts)
-    routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
-    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    server: ServerConfig = ServerConfig()
+    timeouts: Timeouts = Timeouts()
+    routing: RoutingPolicy = RoutingPolicy()
+    discovery: DiscoveryConfig = DiscoveryConfig()
     backends: dict[str, BackendConfig] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
     fallback: str | None = None
