@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from synapse_gateway.routing import Router
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, access_records
 from tests.fakes.vllm import FakeVLLM
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -32,15 +32,16 @@ def _config(vllm: FakeVLLM, **server: object) -> dict[str, object]:
 def test_malformed_requests_are_400(start_gateway: GatewayFactory, vllm: FakeVLLM, body: bytes,
                                     param: str | None, code: str, caplog: pytest.LogCaptureFixture) -> None:
     gw = start_gateway(_config(vllm))
-    with caplog.at_level(logging.INFO, logger="synapse.access"), gw.http() as http:
+    caplog.set_level(logging.INFO, logger="synapse.access")
+    with gw.http() as http:
         answer = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
     assert answer.status_code == 400
     error = answer.json()["error"]
     assert error["type"] == "invalid_request_error"
     assert (error["param"], error["code"]) == (param, code)
     assert answer.headers["x-request-id"]
-    logged = [r for r in caplog.records if r.name == "synapse.access"]
-    assert logged and logged[-1].fields["status"] == 400 and logged[-1].fields["error"]  # type: ignore[attr-defined]
+    logged = access_records(caplog)
+    assert logged and logged[-1]["status"] == 400 and logged[-1]["error"]
 
 
 def test_openai_client_sees_bad_request(start_gateway: GatewayFactory, vllm: FakeVLLM) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, access_records
 from tests.fakes.vllm import FakeVLLM
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -27,7 +28,10 @@ def test_metrics_count_requests_latency_ttft_and_in_flight(start_gateway: Gatewa
                                             stream_options={"include_usage": True}))
     with gw.http() as http:
         http.post("/v1/chat/completions", json={"model": "nobody-has-this", "messages": MESSAGES})
-        answer = http.get("/metrics")
+        deadline = time.monotonic() + 2
+        while "synapse_time_to_first_token_seconds_count" not in (answer := http.get("/metrics")).text:
+            assert time.monotonic() < deadline, "the stream was never counted"
+            time.sleep(0.01)
     assert answer.headers["content-type"].startswith("text/plain")
     samples = _samples(answer.text)
     ok = ("synapse_requests_total", (("backend", "v"), ("model", "llama-3.2-8b"), ("status", "200")))
@@ -46,11 +50,12 @@ def test_one_access_log_line_per_request(start_gateway: GatewayFactory, vllm: Fa
                                          caplog: pytest.LogCaptureFixture) -> None:
     gw = start_gateway({"backends": {"v": {"url": vllm.url}},
                         "routes": [{"model": "chat", "backend": "v", "upstream": "llama-3.2-8b"}]})
-    with caplog.at_level(logging.INFO, logger="synapse.access"), gw.client() as client:
+    caplog.set_level(logging.INFO, logger="synapse.access")
+    with gw.client() as client:
         raw = client.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES)
-    lines = [r for r in caplog.records if r.name == "synapse.access"]
+    lines = access_records(caplog)
     assert len(lines) == 1
-    fields = lines[0].fields  # type: ignore[attr-defined]
+    fields = lines[0]
     assert fields["request_id"] == raw.headers["x-request-id"]
     usage = raw.parse().usage
     assert usage is not None

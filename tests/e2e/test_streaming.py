@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, access_records
 from tests.fakes.vllm import FakeVLLM
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -22,14 +22,15 @@ def _config(*fakes: FakeVLLM) -> dict[str, object]:
 def test_stream_with_usage(start_gateway: GatewayFactory, vllm: FakeVLLM,
                            caplog: pytest.LogCaptureFixture) -> None:
     gw = start_gateway(_config(vllm))
-    with caplog.at_level(logging.INFO, logger="synapse.access"), gw.client() as client:
+    caplog.set_level(logging.INFO, logger="synapse.access")
+    with gw.client() as client:
         stream = client.chat.completions.create(model="llama-3.2-8b", messages=MESSAGES, stream=True,
                                                 stream_options={"include_usage": True})
         chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "fake reply from llama-3.2-8b"
     assert chunks[-1].usage is not None and chunks[-1].choices == []
-    record = [r for r in caplog.records if r.name == "synapse.access"][-1].fields  # type: ignore[attr-defined]
+    record = access_records(caplog)[-1]
     assert record["tokens_out"] == chunks[-1].usage.completion_tokens
     assert record["tokens_in"] == chunks[-1].usage.prompt_tokens
     assert record["stream"] is True and record["ttft_ms"] is not None

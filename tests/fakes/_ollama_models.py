@@ -9,8 +9,8 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 FOREVER = 292 * 365 * 86400.0  # Go's math.MaxInt64 nanoseconds, what a negative keep_alive means
@@ -24,7 +24,7 @@ def full_name(name: str) -> str:
 
 
 def rfc3339(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).astimezone().isoformat()
+    return datetime.fromtimestamp(epoch, UTC).astimezone().isoformat()
 
 
 def parse_keep_alive(value: Any, default: float) -> float:
@@ -56,13 +56,19 @@ class Loaded:
     context_length: int
     expires_at: float
     refs: int = 0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class ModelStore:
     """Local models, the loaded set (LRU order) and the load/unload history."""
 
     def __init__(
-        self, models: Sequence[str] | Mapping[str, int], *, embedding: Sequence[str], max_loaded: int, load_delay: float
+        self,
+        models: Sequence[str] | Mapping[str, int],
+        *,
+        embedding: Sequence[str],
+        max_loaded: int,
+        load_delay: float,
     ) -> None:
         sizes = models if isinstance(models, Mapping) else {m: 1_000_000_000 + 1_000 * i for i, m in enumerate(models)}
         sizes = {**sizes, **{m: 300_000_000 for m in embedding if m not in sizes}}
@@ -87,14 +93,26 @@ class ModelStore:
         fam = family.group() if family else "llama"
         tag = full_name(name).rsplit(":", 1)[1]
         size = tag.upper() if re.fullmatch(r"\d+(\.\d+)?[bm]", tag) else "3.2B"
-        return {"parent_model": "", "format": "gguf", "family": fam, "families": [fam],
-                "parameter_size": size, "quantization_level": "Q4_K_M"}  # fmt: skip
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": fam,
+            "families": [fam],
+            "parameter_size": size,
+            "quantization_level": "Q4_K_M",
+        }
 
     def tag(self, name: str) -> dict[str, Any]:
         """One /api/tags entry."""
         digest = hashlib.sha256(name.encode()).hexdigest()
-        return {"name": name, "model": name, "modified_at": rfc3339(self.modified), "size": self.sizes[name],
-                "digest": digest, "details": self.details(name)}  # fmt: skip
+        return {
+            "name": name,
+            "model": name,
+            "modified_at": rfc3339(self.modified),
+            "size": self.sizes[name],
+            "digest": digest,
+            "details": self.details(name),
+        }
 
     def ps(self) -> list[dict[str, Any]]:
         """The /api/ps entries, least recently used first."""
@@ -102,9 +120,18 @@ class ModelStore:
         out = []
         for name, entry in self.loaded.items():
             row = {k: v for k, v in self.tag(name).items() if k != "modified_at"}
-            row |= {"expires_at": rfc3339(entry.expires_at), "size_vram": entry.size, "context_length": entry.context_length}
+            row |= {
+                "expires_at": rfc3339(entry.expires_at),
+                "size_vram": entry.size,
+                "context_length": entry.context_length,
+            }
             out.append(row)
         return out
+
+    def resident(self) -> list[str]:
+        """Loaded model names, LRU first; read-only, so safe to call from the test thread."""
+        now = time.time()
+        return [n for n, e in list(self.loaded.items()) if e.refs or e.expires_at > now]
 
     def prune(self) -> None:
         """Unload idle models whose keep_alive ran out."""
@@ -118,21 +145,24 @@ class ModelStore:
             self.unloads.append(full_name(name))
 
     async def acquire(self, name: str, *, keep_alive: float, num_ctx: Any = None) -> int:
-        """Load ``name`` if needed (evicting the LRU idle model past max_loaded); returns load ns."""
+        """Hold ``name`` loaded for one request (loading it, evicting LRU idle models); returns load ns."""
         self.prune()
         name, started = full_name(name), time.monotonic()
+        await self._make_room(name)
         entry = self.loaded.get(name)
         if entry is None:
-            await self._make_room()
             ctx = num_ctx if isinstance(num_ctx, int) and num_ctx > 0 else self.context_length
             entry = self.loaded[name] = Loaded(self.sizes[name], ctx, time.time() + keep_alive)
             self.loads.append(name)
-            entry.refs += 1
-            if self.load_delay:
-                await asyncio.sleep(self.load_delay)
-        else:
-            entry.refs += 1
+            # The load completes even if the requester leaves, as Ollama's scheduler does.
+            asyncio.get_running_loop().call_later(self.load_delay, entry.ready.set)
+        entry.refs += 1
         self.loaded.move_to_end(name)
+        try:
+            await entry.ready.wait()
+        except asyncio.CancelledError:
+            entry.refs -= 1
+            raise
         return math.ceil((time.monotonic() - started) * 1e9)
 
     def release(self, name: str, *, keep_alive: float) -> None:
@@ -145,9 +175,9 @@ class ModelStore:
         if keep_alive == 0 and entry.refs == 0:
             self.unload(name)
 
-    async def _make_room(self) -> None:
+    async def _make_room(self, name: str) -> None:
         # Like Ollama's scheduler: evict the least recently used idle model, or wait for one.
-        while len(self.loaded) >= self.max_loaded:
+        while name not in self.loaded and len(self.loaded) >= self.max_loaded:
             idle = next((n for n, e in self.loaded.items() if e.refs == 0), None)
             if idle is None:
                 await asyncio.sleep(0.005)

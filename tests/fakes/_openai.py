@@ -44,7 +44,12 @@ class Reply:
     def usage(self, **extra: Any) -> Json:
         done = len(self.pieces)
         total = self.prompt_tokens + done
-        return {"prompt_tokens": self.prompt_tokens, "total_tokens": total, "completion_tokens": done, **extra}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": total,
+            "completion_tokens": done,
+            **extra,
+        }
 
 
 def sse(obj: Json) -> bytes:
@@ -209,4 +214,9 @@ def embedding_body(body: Json, model: str, dim: int) -> Json:
         for i, item in enumerate(items)
     ]
     tokens = count_tokens(items)
-    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

@@ -44,9 +44,8 @@ def olla() -> Iterator[FakeOllama]:
 
 @pytest.fixture
 def ocli(olla: FakeOllama) -> Iterator[ollama.Client]:
-    client = ollama.Client(host=olla.url)
-    yield client
-    client._client.close()
+    with ollama.Client(host=olla.url) as client:
+        yield client
 
 
 @pytest.fixture
@@ -103,7 +102,10 @@ def test_vllm_completions_and_max_tokens(oai: openai.OpenAI) -> None:
 def test_vllm_embeddings_need_an_embedding_model(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="does not support Embeddings"):
         oai.embeddings.create(model="m1", input="x")
-    with FakeVLLM(["bge"], task="embed") as fake, openai.OpenAI(base_url=fake.url + "/v1", api_key="k") as client:
+    with (
+        FakeVLLM(["bge"], task="embed") as fake,
+        openai.OpenAI(base_url=fake.url + "/v1", api_key="k") as client,
+    ):
         b64 = client.embeddings.create(model="bge", input=["a", "b"])  # the SDK asks for base64
         floats = client.embeddings.create(model="bge", input="a", encoding_format="float")
     assert len(b64.data) == 2 and len(b64.data[0].embedding) == 8
@@ -113,15 +115,24 @@ def test_vllm_embeddings_need_an_embedding_model(oai: openai.OpenAI) -> None:
 def test_vllm_errors(vllm: FakeVLLM, oai: openai.OpenAI, raw: httpx.Client) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         chat(oai, "nope")
-    assert info.value.body == {"message": "The model `nope` does not exist.", "type": "NotFoundError",
-                               "param": "model", "code": 404}  # fmt: skip
+    assert info.value.body == {
+        "message": "The model `nope` does not exist.",
+        "type": "NotFoundError",
+        "param": "model",
+        "code": 404,
+    }
     resp = raw.post("/v1/chat/completions", json={"model": "m1"})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"
     assert raw.post("/v1/chat/completions", content=b"{not json").status_code == 400
     vllm.fail_status = 503
     with pytest.raises(openai.InternalServerError) as err:
         chat(oai)
-    assert err.value.status_code == 503 and err.value.body["code"] == 503
+    assert err.value.status_code == 503 and err.value.body == {
+        "message": "fake engine failure (503)",
+        "type": "ServiceUnavailableError",
+        "param": None,
+        "code": 503,
+    }
     assert raw.get("/nowhere").json() == {"detail": "Not Found"}
 
 
@@ -191,7 +202,7 @@ def test_vllm_hang_release_and_max_in_flight(vllm: FakeVLLM, oai: openai.OpenAI)
 
 
 def test_stop_does_not_wait_for_hung_or_streaming_requests() -> None:
-    fake = FakeVLLM(stream_chunks=1000, chunk_delay=0.01).start()
+    fake = FakeVLLM(["m1"], stream_chunks=1000, chunk_delay=0.01).start()
     with openai.OpenAI(base_url=fake.url + "/v1", api_key="k", max_retries=0) as client:
         fake.hang = True
         with ThreadPoolExecutor(2) as pool:
@@ -211,7 +222,7 @@ def test_stop_does_not_wait_for_hung_or_streaming_requests() -> None:
 def test_vllm_drop_after_chunks(vllm: FakeVLLM, oai: openai.OpenAI) -> None:
     vllm.drop_after_chunks = 2
     got = []
-    with pytest.raises(httpx.RemoteProtocolError):
+    with pytest.raises(openai.APIConnectionError):  # the SDK wraps the truncated chunked body
         for chunk in chat(oai, stream=True):
             got.append(chunk)
     assert len(got) == 2 and vllm.disconnects == 0
@@ -232,8 +243,13 @@ def test_vllm_first_byte_delay_and_metrics(vllm: FakeVLLM, oai: openai.OpenAI, r
     chat(oai)
     assert time.monotonic() - started >= 0.1
     text = raw.get("/metrics").text
-    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
-                 "time_to_first_token_seconds_count", "prefix_cache_queries_total"):  # fmt: skip
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "time_to_first_token_seconds_count",
+        "prefix_cache_queries_total",
+    ):
         assert f"vllm:{name}{{" in text
     assert "gpu_cache_usage_perc" not in text
 
@@ -281,12 +297,20 @@ def test_ollama_preload_and_unload(olla: FakeOllama, ocli: ollama.Client) -> Non
 
 
 def test_ollama_lru_eviction() -> None:
-    with FakeOllama(["a", "b", "c"], max_loaded_models=2) as fake:
-        client = ollama.Client(host=fake.url)
+    with FakeOllama(["a", "b", "c"], max_loaded_models=2) as fake, ollama.Client(host=fake.url) as client:
         for name in ("a", "b", "a", "c"):
             client.generate(model=name, prompt="x")
-        client._client.close()
         assert fake.loaded == ["a:latest", "c:latest"] and fake.unloads == ["b:latest"]
+
+
+def test_ollama_load_delay_is_shared_by_concurrent_requests() -> None:
+    with FakeOllama(["a"], load_delay=0.1) as fake, ollama.Client(host=fake.url) as client:
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(client.generate, model="a", prompt="x", stream=False) for _ in range(2)]
+            results = [run.result(5) for run in runs]
+        assert fake.loads == ["a:latest"] and fake.max_in_flight == 2
+        assert all((r.load_duration or 0) >= 0.09e9 for r in results)
+        assert (client.generate(model="a", prompt="x").load_duration or 0) < 0.05e9
 
 
 def test_ollama_errors(olla: FakeOllama, ocli: ollama.Client) -> None:
@@ -318,9 +342,10 @@ def test_ollama_drop_and_disconnect(olla: FakeOllama, ocli: ollama.Client) -> No
     with pytest.raises(httpx.RemoteProtocolError):
         list(ocli.generate(model="phi3", prompt="x", stream=True))
     olla.drop_after_chunks, olla.stream_chunks, olla.chunk_delay = None, 100, 0.02
-    with httpx.Client(base_url=olla.url) as client, client.stream(
-        "POST", "/api/generate", json={"model": "phi3", "prompt": "x"}
-    ) as resp:
+    with (
+        httpx.Client(base_url=olla.url) as client,
+        client.stream("POST", "/api/generate", json={"model": "phi3", "prompt": "x"}) as resp,
+    ):
         next(resp.iter_lines())
     olla.wait_until(lambda: olla.disconnects == 1 and olla.in_flight == 0)
 
@@ -343,8 +368,12 @@ def test_ollama_v1(olla: FakeOllama, olla_oai: openai.OpenAI) -> None:
 def test_ollama_v1_errors(olla_oai: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         chat(olla_oai, "nope")
-    assert info.value.body == {"message": "model 'nope' not found", "type": "not_found_error",
-                               "param": None, "code": None}  # fmt: skip
+    assert info.value.body == {
+        "message": "model 'nope' not found",
+        "type": "not_found_error",
+        "param": None,
+        "code": None,
+    }
     with pytest.raises(openai.NotFoundError):
         olla_oai.models.retrieve("nope")
     with pytest.raises(openai.BadRequestError, match="too short"):

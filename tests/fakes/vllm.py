@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -23,7 +23,7 @@ def error(message: str, status: int, *, err_type: str | None = None, param: str 
     return json_response({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
 
 
-def not_found(request: web.Request) -> web.Response:
+async def not_found(request: web.Request) -> web.Response:
     """FastAPI's answer for a route that does not exist (sleep routes without dev mode)."""
     return json_response({"detail": "Not Found"}, 404)
 
@@ -95,13 +95,30 @@ class FakeVLLM(FakeBackend):
         return json_response({"object": "list", "data": [self._model_card(m) for m in self.models]})
 
     def _model_card(self, name: str) -> dict[str, Any]:
-        perm = {"id": oa.new_id("modelperm"), "object": "model_permission", "created": self.created,
-                "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-                "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                "organization": "*", "group": None, "is_blocking": False}  # fmt: skip
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "vllm",
-                "root": self.models[0], "parent": None, "max_model_len": self.max_model_len,
-                "permission": [perm]}  # fmt: skip
+        perm = {
+            "id": oa.new_id("modelperm"),
+            "object": "model_permission",
+            "created": self.created,
+            "allow_create_engine": False,
+            "allow_sampling": True,
+            "allow_logprobs": True,
+            "allow_search_indices": False,
+            "allow_view": True,
+            "allow_fine_tuning": False,
+            "organization": "*",
+            "group": None,
+            "is_blocking": False,
+        }
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "vllm",
+            "root": self.models[0],
+            "parent": None,
+            "max_model_len": self.max_model_len,
+            "permission": [perm],
+        }
 
     async def _health(self, request: web.Request) -> web.Response:
         # 200 even while asleep: /health is not a sleep indicator, /is_sleeping is.
@@ -131,8 +148,11 @@ class FakeVLLM(FakeBackend):
             await self._before_first_byte(request)
             self._ttfts.append(time.monotonic() - started)
             if kind == "embedding":
-                out = {"id": oa.new_id("embd"), "created": int(time.time()),
-                       **oa.embedding_body(body, model, self.embedding_dim)}  # fmt: skip
+                out = {
+                    "id": oa.new_id("embd"),
+                    "created": int(time.time()),
+                    **oa.embedding_body(body, model, self.embedding_dim),
+                }
                 out["usage"] |= {"completion_tokens": 0, "prompt_tokens_details": None}
                 return await self._answer(request, out)
             return await self._generate(request, kind, body, model)
@@ -158,11 +178,11 @@ class FakeVLLM(FakeBackend):
             raise Refused(error(f"The model does not support {api} API", 400, err_type="BadRequestError"))
         return body, model
 
-    async def _generate(
-        self, request: web.Request, kind: str, body: dict[str, Any], model: str
-    ) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, kind: str, body: dict[str, Any], model: str) -> web.StreamResponse:
         source = body.get("messages") if kind == "chat" else body.get("prompt")
-        reply = self._make_reply(model, oa.count_tokens(source), body.get("max_completion_tokens") or body.get("max_tokens"))
+        reply = self._make_reply(
+            model, oa.count_tokens(source), body.get("max_completion_tokens") or body.get("max_tokens")
+        )
         if self.weights_stale:
             self.requests_with_stale_weights += 1
             reply.pieces = oa.split_text(GARBAGE, len(reply.pieces))
@@ -184,7 +204,7 @@ class FakeVLLM(FakeBackend):
         if level not in ("1", "2") or mode not in ("abort", "wait"):
             return json_response({"detail": f"invalid sleep parameters level={level!r} mode={mode!r}"}, 422)
         if mode == "wait":
-            while self.in_flight:
+            while self.in_flight and not self._stopping:
                 await asyncio.sleep(0.005)
         elif self.in_flight:
             self.sleeps_while_busy += 1  # vllm#28714: sleeping under load can crash the engine
@@ -234,7 +254,7 @@ async def _fastapi_404(request: web.Request, handler: Handler) -> web.StreamResp
     try:
         return await handler(request)
     except web.HTTPNotFound:
-        return not_found(request)
+        return await not_found(request)
     except web.HTTPMethodNotAllowed:
         return json_response({"detail": "Method Not Allowed"}, 405)
 
