@@ -55,17 +55,3 @@ def dead_url() -> str:
 
     return f"http://127.0.0.1:{free_port()}"
 
-
-def access_records(caplog: pytest.LogCaptureFixture, count: int = 1, timeout: float = 2.0) -> list[dict[str, Any]]:
-    """The access-log fields logged so far, waiting until `count` are there.
-
-    A stream's line is written just after its last byte, so a client can finish reading first.
-    """
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [r.fields for r in caplog.records if r.name == "synapse.access"]  # type: ignore[attr-defined]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.01)

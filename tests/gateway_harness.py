@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -32,10 +33,28 @@ class ThreadGateway:
         drain = self.loaded.config.server.drain_timeout
         self.server = BackgroundServer(self.app, shutdown_timeout=drain)
         self.url = ""
+        self._access = io.BytesIO()
 
     def start(self) -> ThreadGateway:
         self.url = self.server.start()
+        self.gateway.access_log.stream = self._access = io.BytesIO()
         return self
+
+    def access_lines(self, count: int = 1, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """The access-log entries written so far, waiting until there are `count`.
+
+        A stream's line is written just after its last byte, so a client can finish reading first.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            async def flush() -> None:
+                self.gateway.access_log.flush()
+
+            self.server.call(flush)
+            lines = [orjson.loads(line) for line in self._access.getvalue().splitlines()]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.01)
 
     def stop(self) -> None:
         self.server.stop()

@@ -1,15 +1,21 @@
-"""One structured (JSON) log line per request, and the JSON formatter for all of Synapse's logs."""
+"""One JSON line per request, written to a buffered byte stream, and the JSON formatter for other logs.
+
+The access log bypasses the `logging` module: at thousands of requests per second its per-record
+cost (record objects, locks, a flush per line) was a quarter of the gateway's CPU.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 import orjson
 
-access_log = logging.getLogger("synapse.access")
+_FLUSH_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -36,18 +42,61 @@ class RequestRecord:
     def ttft(self) -> float | None:
         return None if self.first_byte is None else self.first_byte - self.started
 
-    def emit(self, finished: float) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
-            return
+    def fields(self, finished: float) -> dict[str, Any]:
         ttft = self.ttft
-        access_log.info("request", extra={"fields": {
+        return {
             "request_id": self.request_id, "method": self.method, "path": self.path, "model": self.model,
             "route": self.route, "backend": self.backend, "upstream_model": self.upstream_model,
             "status": self.status, "latency_ms": round((finished - self.started) * 1000, 3),
             "ttft_ms": None if ttft is None else round(ttft * 1000, 3), "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out, "retries": self.retries, "stream": self.stream,
             "error": self.error,
-        }})
+        }
+
+
+class AccessLog:
+    """Buffers access lines and writes them at most every `interval` seconds or every 64 KiB."""
+
+    def __init__(self, stream: BinaryIO | None, *, interval: float = 0.2) -> None:
+        self.stream = stream
+        self.interval = interval
+        self._buffer = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._stamp = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.stream is not None
+
+    def write(self, record: RequestRecord, finished: float) -> None:
+        if self.stream is None:
+            return
+        entry = {"ts": self._timestamp(), "level": "info", "logger": "synapse.access", "msg": "request",
+                 **record.fields(finished)}
+        self._buffer += orjson.dumps(entry)
+        self._buffer += b"\n"
+        if len(self._buffer) >= _FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._buffer and self.stream is not None:
+            self.stream.write(self._buffer)
+            self.stream.flush()
+            self._buffer.clear()
+
+    def _timestamp(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,7 +117,7 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
-def setup_logging(level: str, *, access: bool, json_lines: bool = True) -> None:
+def setup_logging(level: str, *, json_lines: bool = True) -> None:
     """Send Synapse's logs to stderr, one JSON object per line (or plain text for a terminal)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(
@@ -77,4 +126,3 @@ def setup_logging(level: str, *, access: bool, json_lines: bool = True) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
-    access_log.disabled = not access

@@ -94,7 +94,7 @@ class Api:
         if record.tokens_in is not None or record.tokens_out is not None:
             gateway.metrics.tokens.labels(label, "in").inc(record.tokens_in or 0)
             gateway.metrics.tokens.labels(label, "out").inc(record.tokens_out or 0)
-        record.emit(finished)
+        gateway.access_log.write(record, finished)
 
     async def list_models(self, request: web.Request) -> web.Response:
         """GET /v1/models: configured and discovered models, each once."""

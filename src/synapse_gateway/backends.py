@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import aiohttp
+
 from .config.schema import BackendConfig, Timeouts
 
 _HEALTH_PATH = {"openai": "/v1/models", "vllm": "/health", "ollama": "/api/version"}
@@ -21,6 +23,7 @@ class Backend:
     timeouts: Timeouts
     discover: bool
     health_path: str
+    client_timeout: aiohttp.ClientTimeout
     static_models: tuple[str, ...] = ()
     in_flight: int = 0
     reachable: bool | None = None
@@ -34,15 +37,21 @@ class Backend:
         headers = dict(config.headers)
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key}"
+        timeouts = config.timeouts.over(default_timeouts)
+        # sock_read bounds the wait for the response head and for any later read (so a non-streamed
+        # answer gets first_byte to arrive); the relay bounds a stream's gaps by stream_idle as well.
+        client_timeout = aiohttp.ClientTimeout(total=timeouts.total, sock_connect=timeouts.connect,
+                                               sock_read=timeouts.first_byte)
         return cls(
             name=name,
             protocol=config.protocol,
             url=root,
             openai_base=openai_base,
             headers=headers,
-            timeouts=config.timeouts.over(default_timeouts),
+            timeouts=timeouts,
             discover=config.discover,
             health_path=config.health_path or _HEALTH_PATH[config.protocol],
+            client_timeout=client_timeout,
             static_models=tuple(config.models),
         )
 

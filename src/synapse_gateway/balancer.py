@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -46,24 +45,21 @@ class Balancer:
         self.policy = policy
         self._turn = 0
 
-    def attempts(self, targets: list[Target]) -> Iterator[Target]:
+    def attempts(self, targets: list[Target]) -> list[Target]:
         """Targets to try in order: up to `retries + 1`, healthy and least loaded first, none twice in a row."""
         budget = self.policy.retries + 1
-        if len(targets) == 1:
-            for _ in range(budget):
-                yield targets[0]
-            return
+        count = len(targets)
+        if count == 1:
+            return targets * budget
         now = time.monotonic()
         self._turn += 1
         turn = self._turn
-        count = len(targets)
         order = sorted(
             range(count),
             key=lambda i: (targets[i].deployment.cooldown_until > now,
                            targets[i].backend.in_flight, (i - turn) % count),
         )
-        for n in range(budget):
-            yield targets[order[n % count]]
+        return [targets[order[n % count]] for n in range(budget)]
 
     def succeeded(self, deployment: Deployment) -> None:
         deployment.consecutive_fails = 0

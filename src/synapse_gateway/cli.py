@@ -28,7 +28,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_forma
     """Run the gateway."""
     loaded = _load_or_exit(config_path)
     settings = loaded.config.server
-    setup_logging(settings.log_level, access=settings.access_log, json_lines=log_format == "json")
+    setup_logging(settings.log_level, json_lines=log_format == "json")
     import logging
 
     log = logging.getLogger("synapse.config")

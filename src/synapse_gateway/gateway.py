@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from .accesslog import AccessLog
 from .backends import Backend
 from .balancer import Balancer
 from .config import LoadedConfig
@@ -35,6 +37,7 @@ class Gateway:
     session: aiohttp.ClientSession
     catalog: Catalog
     proxy: Proxy
+    access_log: AccessLog
     draining: bool = False
     ready: bool = False
     started_at: float = field(default_factory=time.time)
@@ -48,7 +51,8 @@ class Gateway:
         metrics = Metrics()
         catalog = Catalog(router, session, config.discovery)
         proxy = Proxy(session, router, balancer, metrics)
-        return cls(loaded, backends, router, balancer, metrics, session, catalog, proxy)
+        access_log = AccessLog(sys.stderr.buffer if config.server.access_log else None)
+        return cls(loaded, backends, router, balancer, metrics, session, catalog, proxy, access_log)
 
     def report_backends(self) -> None:
         """Say at start-up which backends answer, what they serve, and how to add more."""
@@ -87,6 +91,7 @@ def lifespan(loaded: LoadedConfig) -> Callable[[web.Application], AsyncIterator[
             yield
         finally:
             gateway.ready = False
+            gateway.access_log.flush()
             await gateway.catalog.stop()
             await session.close()
 

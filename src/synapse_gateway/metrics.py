@@ -33,6 +33,7 @@ class Metrics:
                               ["model", "direction"], registry=self.registry)
         self.backend_up = Gauge("synapse_backend_up", "1 when the backend answered its last probe.",
                                 ["backend"], registry=self.registry)
+        self._in_flight: dict[str, Gauge] = {}
         self._children: dict[tuple[str, str, str], tuple[Counter, Histogram, Histogram]] = {}
 
     def observe(self, *, model: str, backend: str, status: int, seconds: float,
@@ -49,6 +50,12 @@ class Metrics:
         latency.observe(seconds)
         if ttft is not None:
             first.observe(ttft)
+
+    def in_flight_gauge(self, backend: str) -> Gauge:
+        gauge = self._in_flight.get(backend)
+        if gauge is None:
+            gauge = self._in_flight[backend] = self.in_flight.labels(backend)
+        return gauge
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,7 +18,7 @@ from .errors import GatewayError
 from .metrics import Metrics
 from .routing import Resolution, Router
 from .streaming import relay_sse
-from .upstream import AttemptFailed, send, transport_errors
+from .upstream import TRANSPORT_ERRORS, AttemptFailed, send, transport_failure
 
 log = logging.getLogger("synapse.proxy")
 _ERROR_BODY_LIMIT = 64 * 1024
@@ -73,7 +73,7 @@ class Proxy:
                        api_path: str, stream: bool) -> web.StreamResponse:
         backend = target.backend
         headers = {"Content-Type": "application/json", "X-Request-Id": record.request_id, **backend.headers}
-        gauge = self.metrics.in_flight.labels(backend.name)
+        gauge = self.metrics.in_flight_gauge(backend.name)
         backend.in_flight += 1
         gauge.inc()
         upstream: aiohttp.ClientResponse | None = None
@@ -84,14 +84,16 @@ class Proxy:
             is_sse = upstream.content_type == "text/event-stream"
             idle = backend.timeouts.stream_idle
             if not (stream and is_sse and upstream.status == 200):
-                with transport_errors(backend, "the response body"):
-                    async with asyncio.timeout(idle):
-                        data = await upstream.read()
+                try:
+                    data = await upstream.read()
+                except TRANSPORT_ERRORS as exc:
+                    raise transport_failure(backend, "the response body", exc) from exc
                 self.balancer.succeeded(target.deployment)
                 return _buffered_response(record, upstream, data)
-            with transport_errors(backend, "the first byte"):
-                async with asyncio.timeout(backend.timeouts.first_byte):
-                    first = await upstream.content.readany()
+            try:
+                first = await upstream.content.readany()
+            except TRANSPORT_ERRORS as exc:
+                raise transport_failure(backend, "the first byte", exc) from exc
             if not first:
                 raise AttemptFailed("protocol", f"backend {backend.name} ended the stream before any data")
             record.first_byte = time.perf_counter()

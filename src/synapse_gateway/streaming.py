@@ -40,6 +40,34 @@ class UsageTail:
         return None
 
 
+class IdleWatchdog:
+    """Fails a stream's pending read after `idle` seconds without data: one timer per stream, re-armed lazily."""
+
+    __slots__ = ("_handle", "_idle", "_loop", "_reader", "expired", "last")
+
+    def __init__(self, reader: aiohttp.StreamReader, idle: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._reader = reader
+        self._idle = idle
+        self.expired = False
+        self.last = self._loop.time()
+        self._handle = self._loop.call_at(self.last + idle, self._check)
+
+    def touch(self) -> None:
+        self.last = self._loop.time()
+
+    def _check(self) -> None:
+        due = self.last + self._idle
+        if self._loop.time() >= due:
+            self.expired = True
+            self._reader.set_exception(TimeoutError())
+        else:
+            self._handle = self._loop.call_at(due, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 async def relay_sse(request: web.Request, upstream: aiohttp.ClientResponse, first_chunk: bytes,
                     response: web.StreamResponse, record: RequestRecord, idle_timeout: float) -> None:
     """Copy the upstream stream to the client as it arrives; end a failed stream with an error event."""
@@ -47,25 +75,27 @@ async def relay_sse(request: web.Request, upstream: aiohttp.ClientResponse, firs
     tail = UsageTail()
     chunk = first_chunk
     failure: GatewayError | None = None
+    watchdog = IdleWatchdog(upstream.content, idle_timeout)
     try:
         while chunk:
             await response.write(chunk)
             tail.feed(chunk)
             try:
-                async with asyncio.timeout(idle_timeout):
-                    chunk = await upstream.content.readany()
-            except TimeoutError:
+                chunk = await upstream.content.readany()
+            except TimeoutError:  # the watchdog, or the client's read timeout (also a TimeoutError)
                 failure = BackendTimeout(f"backend {record.backend} sent nothing for {idle_timeout:g}s")
                 break
             except aiohttp.ClientError:
                 failure = BadGateway(f"backend {record.backend} dropped the stream")
                 break
+            watchdog.touch()
         if failure is not None:
             record.error = failure.message
             separator = b"" if tail.tail.endswith(b"\n\n") or not tail.tail else b"\n\n"
             await response.write(separator + error_event(failure))
         await response.write_eof()
     finally:
+        watchdog.cancel()
         _record_usage(record, tail)
 
 

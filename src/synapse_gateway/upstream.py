@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Literal
 
 import aiohttp
@@ -36,30 +33,26 @@ class AttemptFailed(Exception):
         return BadGateway(self.message)
 
 
-@contextmanager
-def transport_errors(backend: Backend, stage: str) -> Iterator[None]:
-    """Turn aiohttp and timeout exceptions raised while talking to `backend` into AttemptFailed."""
-    try:
-        yield
-    except TimeoutError as exc:
-        raise AttemptFailed("timeout", f"backend {backend.name} timed out waiting for {stage}") from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise AttemptFailed("connect", f"backend {backend.name} is unreachable: "
-                                       f"{exc.strerror or type(exc).__name__}") from exc
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-        raise AttemptFailed("connect", f"backend {backend.name} closed the connection during {stage}") from exc
-    except (aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
-        raise AttemptFailed("protocol", f"backend {backend.name} sent a malformed answer during {stage}") from exc
-    except aiohttp.ClientError as exc:
-        raise AttemptFailed("protocol", f"backend {backend.name} failed during {stage}: "
-                                        f"{type(exc).__name__}") from exc
+def transport_failure(backend: Backend, stage: str, exc: BaseException) -> AttemptFailed:
+    """The AttemptFailed for an aiohttp or timeout exception raised while talking to `backend`."""
+    if isinstance(exc, TimeoutError):
+        return AttemptFailed("timeout", f"backend {backend.name} timed out waiting for {stage}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return AttemptFailed("connect", f"backend {backend.name} is unreachable: {exc.strerror or type(exc).__name__}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return AttemptFailed("connect", f"backend {backend.name} closed the connection during {stage}")
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+        return AttemptFailed("protocol", f"backend {backend.name} sent a malformed answer during {stage}")
+    return AttemptFailed("protocol", f"backend {backend.name} failed during {stage}: {type(exc).__name__}")
+
+
+TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientError)
 
 
 async def send(session: aiohttp.ClientSession, backend: Backend, url: str, body: bytes,
                headers: dict[str, str]) -> aiohttp.ClientResponse:
     """POST `body` and wait for the response head within the backend's connect and first-byte limits."""
-    timeouts = backend.timeouts
-    timeout = aiohttp.ClientTimeout(total=timeouts.total, sock_connect=timeouts.connect)
-    with transport_errors(backend, "the response"):
-        async with asyncio.timeout(timeouts.first_byte):
-            return await session.post(url, data=body, headers=headers, timeout=timeout)
+    try:
+        return await session.post(url, data=body, headers=headers, timeout=backend.client_timeout)
+    except TRANSPORT_ERRORS as exc:
+        raise transport_failure(backend, "the response", exc) from exc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 
 import httpx
@@ -11,7 +10,7 @@ import orjson
 import pytest
 
 from synapse_gateway.routing import Router
-from tests.conftest import GatewayFactory, access_records
+from tests.conftest import GatewayFactory
 from tests.fakes.vllm import FakeVLLM
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -30,9 +29,8 @@ def _config(vllm: FakeVLLM, **server: object) -> dict[str, object]:
     (b'{"model": "llama-3.2-8b", "stream": "yes"}', "stream", "invalid_type"),
 ])
 def test_malformed_requests_are_400(start_gateway: GatewayFactory, vllm: FakeVLLM, body: bytes,
-                                    param: str | None, code: str, caplog: pytest.LogCaptureFixture) -> None:
+                                    param: str | None, code: str) -> None:
     gw = start_gateway(_config(vllm))
-    caplog.set_level(logging.INFO, logger="synapse.access")
     with gw.http() as http:
         answer = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
     assert answer.status_code == 400
@@ -40,7 +38,7 @@ def test_malformed_requests_are_400(start_gateway: GatewayFactory, vllm: FakeVLL
     assert error["type"] == "invalid_request_error"
     assert (error["param"], error["code"]) == (param, code)
     assert answer.headers["x-request-id"]
-    logged = access_records(caplog)
+    logged = gw.access_lines()
     assert logged and logged[-1]["status"] == 400 and logged[-1]["error"]
 
 

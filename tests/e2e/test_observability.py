@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import GatewayFactory, access_records
+from tests.conftest import GatewayFactory
 from tests.fakes.vllm import FakeVLLM
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -46,14 +44,12 @@ def test_metrics_count_requests_latency_ttft_and_in_flight(start_gateway: Gatewa
     assert samples[("synapse_tokens_total", (("direction", "out"), ("model", "llama-3.2-8b")))] > 0
 
 
-def test_one_access_log_line_per_request(start_gateway: GatewayFactory, vllm: FakeVLLM,
-                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_one_access_log_line_per_request(start_gateway: GatewayFactory, vllm: FakeVLLM) -> None:
     gw = start_gateway({"backends": {"v": {"url": vllm.url}},
                         "routes": [{"model": "chat", "backend": "v", "upstream": "llama-3.2-8b"}]})
-    caplog.set_level(logging.INFO, logger="synapse.access")
     with gw.client() as client:
         raw = client.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES)
-    lines = access_records(caplog)
+    lines = gw.access_lines()
     assert len(lines) == 1
     fields = lines[0]
     assert fields["request_id"] == raw.headers["x-request-id"]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import GatewayFactory, access_records
+from tests.conftest import GatewayFactory
 from tests.fakes.vllm import FakeVLLM
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -19,10 +18,8 @@ def _config(*fakes: FakeVLLM) -> dict[str, object]:
     return {"backends": {f"v{i}": {"url": f.url} for i, f in enumerate(fakes)}}
 
 
-def test_stream_with_usage(start_gateway: GatewayFactory, vllm: FakeVLLM,
-                           caplog: pytest.LogCaptureFixture) -> None:
+def test_stream_with_usage(start_gateway: GatewayFactory, vllm: FakeVLLM) -> None:
     gw = start_gateway(_config(vllm))
-    caplog.set_level(logging.INFO, logger="synapse.access")
     with gw.client() as client:
         stream = client.chat.completions.create(model="llama-3.2-8b", messages=MESSAGES, stream=True,
                                                 stream_options={"include_usage": True})
@@ -30,7 +27,7 @@ def test_stream_with_usage(start_gateway: GatewayFactory, vllm: FakeVLLM,
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "fake reply from llama-3.2-8b"
     assert chunks[-1].usage is not None and chunks[-1].choices == []
-    record = access_records(caplog)[-1]
+    record = gw.access_lines()[-1]
     assert record["tokens_out"] == chunks[-1].usage.completion_tokens
     assert record["tokens_in"] == chunks[-1].usage.prompt_tokens
     assert record["stream"] is True and record["ttft_ms"] is not None
