@@ -36,7 +36,7 @@ lint: $(TEST_STAMP)
 	$(BIN)/mypy
 
 bench: $(TEST_STAMP)
-	$(BIN)/python bench/gateway_overhead.py $(ARGS)
+	bash bench/harness/run.sh
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -74,7 +74,7 @@ def new_session() -> aiohttp.ClientSession:
     """One pooled client session for all upstream traffic (never one per request)."""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
     return aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
-                                 timeout=aiohttp.ClientTimeout(total=None))
+                                 cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=None))
 
 
 def lifespan(loaded: LoadedConfig) -> Callable[[web.Application], AsyncIterator[None]]:
