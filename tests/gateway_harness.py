@@ -89,7 +89,7 @@ def free_port() -> int:
 class ProcessGateway:
     """`synapse serve --config FILE` as a child process, for signals and the real command line."""
 
-    def __init__(self, config_path: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path | None, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.log_path = log_path
         self.port = free_port()
@@ -98,7 +98,8 @@ class ProcessGateway:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_timeout: float = 20.0) -> ProcessGateway:
-        command = [sys.executable, "-m", "synapse_gateway", "serve", "--config", str(self.config_path),
+        config = ["--config", str(self.config_path)] if self.config_path else []
+        command = [sys.executable, "-m", "synapse_gateway", "serve", *config,
                    "--host", "127.0.0.1", "--port", str(self.port)]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)

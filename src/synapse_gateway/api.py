@@ -32,10 +32,17 @@ def _request_id(request: web.Request) -> str:
     return given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
-def _json(body: object, status: int = 200, request_id: str | None = None) -> web.Response:
-    headers = {"x-request-id": request_id} if request_id else None
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json",
-                        headers=headers)
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+async def stamp_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response names its request id and backend; the proxy path has set both already."""
+    headers = response.headers
+    if "x-request-id" not in headers:
+        headers["x-request-id"] = _request_id(request)
+    if "x-synapse-backend" not in headers:
+        headers["x-synapse-backend"] = "none"
 
 
 class Api:
@@ -104,7 +111,7 @@ class Api:
         created = int(gateway.started_at)
         data = [{"id": name, "object": "model", "created": created, "owned_by": owner}
                 for name, owner in sorted(gateway.router.public_models().items())]
-        return _json({"object": "list", "data": data}, request_id=_request_id(request))
+        return _json({"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
         """GET /v1/models/{id}: one listed model, or 404 model_not_found."""
@@ -114,11 +121,9 @@ class Api:
         if owner is None:
             await gateway.catalog.refresh_on_miss(model)
             owner = gateway.router.public_models().get(model)
-        request_id = _request_id(request)
         if owner is None:
-            return error_response(ModelNotFound(model), {"x-request-id": request_id})
-        return _json({"id": model, "object": "model", "created": int(gateway.started_at), "owned_by": owner},
-                     request_id=request_id)
+            return error_response(ModelNotFound(model))
+        return _json({"id": model, "object": "model", "created": int(gateway.started_at), "owned_by": owner})
 
     async def live(self, request: web.Request) -> web.Response:
         return _json({"status": "alive"})
@@ -143,8 +148,7 @@ class Api:
     async def not_found(self, request: web.Request) -> web.Response:
         error = NotFound(f"{request.method} {request.path} is not a route of this gateway; "
                          "see the README for the API")
-        return error_response(error, {"x-request-id": _request_id(request)})
+        return error_response(error)
 
     async def method_not_allowed(self, request: web.Request) -> web.Response:
-        error = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
-        return error_response(error, {"x-request-id": _request_id(request)})
+        return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.path}"))

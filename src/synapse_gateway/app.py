@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .api import INFERENCE_PATHS, Api
+from .api import INFERENCE_PATHS, Api, stamp_response
 from .config import LoadedConfig
 from .gateway import lifespan
 
@@ -14,6 +14,7 @@ def create_app(loaded: LoadedConfig) -> web.Application:
     limit = loaded.config.server.max_body_size
     app = web.Application(client_max_size=limit, handler_args={"max_field_size": 16384})
     app.cleanup_ctx.append(lifespan(loaded))
+    app.on_response_prepare.append(stamp_response)
     api = Api(app)
     routes = app.router
     for path in INFERENCE_PATHS:

@@ -178,3 +178,15 @@ def test_unknown_path_and_method_get_openai_errors(start_gateway: GatewayFactory
     assert missing.json()["error"]["code"] == "not_found"
     assert wrong.status_code == 405
     assert wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_every_response_names_its_request_id_and_backend(start_gateway: GatewayFactory, vllm: FakeVLLM) -> None:
+    gw = start_gateway({"backends": {"v": {"url": vllm.url}}})
+    with gw.http() as http:
+        listing = http.get("/v1/models", headers={"X-Request-Id": "trace-42"})
+        ready = http.get("/health/ready")
+        routed = http.post("/v1/chat/completions", json={"model": "llama-3.2-8b", "messages": MESSAGES})
+    assert listing.headers["x-request-id"] == "trace-42"
+    assert listing.headers["x-synapse-backend"] == "none"
+    assert len(ready.headers["x-request-id"]) == 32
+    assert routed.headers["x-synapse-backend"] == "v"
