@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -24,6 +25,7 @@ async def serve(loaded: LoadedConfig, host: str, port: int) -> None:
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True)
     await site.start()
+    gc.freeze()  # start-up objects never die: keep them out of every later collection
     log.info("listening on http://%s:%d (config: %s, %s format)", host, _bound_port(runner, port),
              loaded.source, loaded.dialect)
     stop = asyncio.Event()
