@@ -145,6 +145,10 @@ class Api:
             gateway.metrics.backend_up.labels(backend.name).set(1 if backend.reachable else 0)
         return web.Response(body=gateway.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
+    async def engines(self, request: web.Request) -> web.Response:
+        """GET /admin/engines: each managed engine's state, PID, uptime, restarts and memory."""
+        return _json({"engines": [engine.status() for engine in self.gateway.engines]})
+
     async def not_found(self, request: web.Request) -> web.Response:
         error = NotFound(f"{request.method} {request.path} is not a route of this gateway; "
                          "see the README for the API")

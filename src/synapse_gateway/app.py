@@ -24,6 +24,7 @@ def create_app(loaded: LoadedConfig) -> web.Application:
     routes.add_get("/health/live", api.live, allow_head=False)
     routes.add_get("/health/ready", api.ready, allow_head=False)
     routes.add_get("/metrics", api.metrics, allow_head=False)
+    routes.add_get("/admin/engines", api.engines, allow_head=False)
     for resource in list(routes.resources()):
         if isinstance(resource, web.Resource):
             resource.add_route("*", api.method_not_allowed)

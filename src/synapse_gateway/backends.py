@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from .config.schema import BackendConfig, Timeouts
+
+if TYPE_CHECKING:
+    from .engines.process import ManagedEngine
 
 _HEALTH_PATH = {"openai": "/v1/models", "vllm": "/health", "ollama": "/api/version"}
 
@@ -29,6 +33,12 @@ class Backend:
     reachable: bool | None = None
     last_error: str | None = None
     discovered: frozenset[str] = field(default_factory=frozenset)
+    engine: ManagedEngine | None = None
+
+    def health_url(self, path: str | None = None) -> str:
+        """An absolute health URL: `path` may be a full URL, a path on this backend, or None (the default)."""
+        path = path or self.health_path
+        return path if path.startswith(("http://", "https://")) else self.url + path
 
     @classmethod
     def from_config(cls, name: str, config: BackendConfig, default_timeouts: Timeouts) -> Backend:

@@ -53,6 +53,32 @@ def check(config_file: str) -> None:
     click.echo(f"{config_file}: OK ({len(problems)} warning(s))")
 
 
+@main.command("engines")
+@click.option("--url", default="http://127.0.0.1:4000", envvar="SYNAPSE_URL", show_default=True,
+              help="The running gateway.")
+def list_engines(url: str) -> None:
+    """List the managed engines of a running gateway: state, PID, uptime, restarts, memory."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/admin/engines", timeout=5) as answer:
+            engines = json.load(answer)["engines"]
+    except (urllib.error.URLError, OSError) as exc:
+        click.echo(f"synapse: cannot reach the gateway at {url}: {exc}", err=True)
+        sys.exit(1)
+    if not engines:
+        click.echo("no managed engines (a backend gets one with `managed: {command: [...]}`)")
+        return
+    click.echo(f"{'NAME':<20} {'STATE':<9} {'PID':>7} {'UPTIME':>9} {'RESTARTS':>8} {'MEMORY':>9}  LAST ERROR")
+    for e in engines:
+        memory = f"{e['rss_bytes'] / 2**20:.0f} MiB" if e["rss_bytes"] else "-"
+        uptime = f"{e['uptime_s']:.0f}s" if e["uptime_s"] is not None else "-"
+        click.echo(f"{e['name']:<20} {e['state']:<9} {e['pid'] or '-':>7} {uptime:>9} {e['restarts']:>8} "
+                   f"{memory:>9}  {e['last_error'] or ''}")
+
+
 def _load_or_exit(config_path: str | None) -> LoadedConfig:
     try:
         if config_path is None:

@@ -58,7 +58,7 @@ class Catalog:
 
     async def _refresh_all(self) -> None:
         self._last_refresh = time.monotonic()
-        await asyncio.gather(*(self._probe(b) for b in self.router.backends.values()))
+        await asyncio.gather(*(self.probe(b) for b in self.router.backends.values()))
 
     async def refresh_on_miss(self, model: str) -> None:
         """Refresh discovered models for an unknown name, unless it missed recently or a refresh just ran."""
@@ -66,6 +66,7 @@ class Catalog:
         expires = self._misses.get(model)
         if expires is not None and expires > now:
             return
+        await self._engines_settled()
         if now - self._last_refresh >= self.settings.min_refresh_gap:
             await self.refresh()
         elif self._refreshing is not None and not self._refreshing.done():
@@ -76,7 +77,18 @@ class Catalog:
             while len(self._misses) > _NEGATIVE_CACHE_SIZE:
                 self._misses.popitem(last=False)
 
-    async def _probe(self, backend: Backend) -> None:
+    async def _engines_settled(self) -> None:
+        """Let managed engines that are still starting report their models before a name counts as unknown."""
+        starting = [b.engine for b in self.router.backends.values() if b.engine is not None and b.discover]
+        if starting:
+            limit = max(engine.config.startup_timeout for engine in starting)
+            await asyncio.wait([asyncio.ensure_future(e.settled()) for e in starting], timeout=limit)
+
+    async def probe(self, backend: Backend) -> None:
+        """Ask one backend what it serves (or just whether it answers), and record the result."""
+        if backend.engine is not None and not backend.engine.ready.is_set():
+            self._mark(backend, f"managed engine is {backend.engine.state}")
+            return
         try:
             if backend.discover:
                 models = await self._list_models(backend)
@@ -85,7 +97,7 @@ class Catalog:
                              ", ".join(sorted(models)[:20]))
                 self.router.set_discovered(backend, models)
             else:
-                async with self.session.get(backend.url + backend.health_path, headers=backend.headers,
+                async with self.session.get(backend.health_url(), headers=backend.headers,
                                             timeout=_PROBE_TIMEOUT) as response:
                     await response.read()
             self._mark(backend, None)

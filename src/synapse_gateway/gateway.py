@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import sys
 import time
@@ -17,6 +19,7 @@ from .balancer import Balancer
 from .config import LoadedConfig
 from .defaults import DEFAULT_SOURCE
 from .discovery import Catalog
+from .engines.process import ManagedEngine
 from .metrics import Metrics
 from .proxy import Proxy
 from .routing import Router
@@ -52,7 +55,17 @@ class Gateway:
         catalog = Catalog(router, session, config.discovery)
         proxy = Proxy(session, router, balancer, metrics)
         access_log = AccessLog(sys.stderr.buffer if config.server.access_log else None)
+        for name, backend_config in config.backends.items():
+            if backend_config.managed is not None:
+                backend = backends[name]
+                backend.engine = ManagedEngine(name, backend_config.managed,
+                                               backend.health_url(backend_config.managed.health), session)
+                backend.engine.on_ready = functools.partial(catalog.probe, backend)
         return cls(loaded, backends, router, balancer, metrics, session, catalog, proxy, access_log)
+
+    @property
+    def engines(self) -> list[ManagedEngine]:
+        return [b.engine for b in self.backends.values() if b.engine is not None]
 
     def report_backends(self) -> None:
         """Say at start-up which backends answer, what they serve, and how to add more."""
@@ -84,6 +97,7 @@ def lifespan(loaded: LoadedConfig) -> Callable[[web.Application], AsyncIterator[
         session = new_session()
         gateway = Gateway.build(loaded, session)
         app[GATEWAY_KEY] = gateway
+        starting = [asyncio.create_task(engine.start()) for engine in gateway.engines]
         await gateway.catalog.start()
         gateway.report_backends()
         gateway.ready = True
@@ -93,6 +107,8 @@ def lifespan(loaded: LoadedConfig) -> Callable[[web.Application], AsyncIterator[
             gateway.ready = False
             gateway.access_log.flush()
             await gateway.catalog.stop()
+            await asyncio.gather(*(engine.stop() for engine in gateway.engines), *starting,
+                                 return_exceptions=True)
             await session.close()
 
     return context

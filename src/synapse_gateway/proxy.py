@@ -13,7 +13,9 @@ import orjson
 from aiohttp import web
 
 from .accesslog import RequestRecord
+from .backends import Backend
 from .balancer import Balancer, Target
+from .engines.process import EngineFailed
 from .errors import GatewayError
 from .metrics import Metrics
 from .routing import Resolution, Router
@@ -78,7 +80,14 @@ class Proxy:
         gauge.inc()
         upstream: aiohttp.ClientResponse | None = None
         try:
-            upstream = await send(self.session, backend, backend.endpoint(api_path), body, headers)
+            if backend.engine is not None and not backend.engine.ready.is_set():
+                await _engine_ready(backend)
+            try:
+                upstream = await send(self.session, backend, backend.endpoint(api_path), body, headers)
+            except AttemptFailed as exc:
+                if exc.kind == "connect" and backend.engine is not None:
+                    backend.engine.notice_refused()
+                raise
             if upstream.status >= 500:
                 raise await _status_failure(upstream, backend.name)
             is_sse = upstream.content_type == "text/event-stream"
@@ -106,6 +115,15 @@ class Proxy:
             gauge.dec()
             if upstream is not None:
                 upstream.close()
+
+
+async def _engine_ready(backend: Backend) -> None:
+    """Wait for a managed engine that is (re)starting; a failed one fails the attempt like a refused connect."""
+    assert backend.engine is not None
+    try:
+        await backend.engine.wait_ready(backend.engine.config.startup_timeout)
+    except EngineFailed as exc:
+        raise AttemptFailed("connect", str(exc)) from exc
 
 
 async def _status_failure(upstream: aiohttp.ClientResponse, backend: str) -> AttemptFailed:

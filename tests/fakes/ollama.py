@@ -33,7 +33,7 @@ def openai_error(message: str, status: int) -> Refused:
 class FakeOllama(FakeBackend):
     """An Ollama server holding ``models`` locally; requests load them, keep_alive unloads them."""
 
-    def __init__(  # noqa: PLR0913 - mirrors the OLLAMA_* settings a test needs to vary
+    def __init__(
         self,
         models: Sequence[str] | Mapping[str, int] = ("llama3.2:1b",),
         *,

@@ -31,7 +31,7 @@ async def not_found(request: web.Request) -> web.Response:
 class FakeVLLM(FakeBackend):
     """One vLLM engine serving ``models`` (aliases of one model), with sleep mode and failure knobs."""
 
-    def __init__(  # noqa: PLR0913 - mirrors the `vllm serve` flags a test needs to vary
+    def __init__(
         self,
         models: Sequence[str] = ("fake-model",),
         *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -37,6 +38,25 @@ class TimeoutsOverride(_Strict):
         return base.model_copy(update=updates)
 
 
+class ManagedConfig(_Strict):
+    """A command Synapse starts, watches and stops for a backend (llama-server, vllm serve, ...)."""
+
+    command: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    health: str | None = None
+    startup_timeout: Duration = Field(120.0, gt=0)
+    restart: Literal["on-failure", "always", "never"] = "on-failure"
+    backoff_initial: Duration = Field(1.0, gt=0)
+    backoff_max: Duration = Field(30.0, gt=0)
+    stop_grace: Duration = Field(10.0, ge=0)
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return shlex.split(value) if isinstance(value, str) else value
+
+
 class BackendConfig(_Strict):
     """One inference server Synapse forwards to."""
 
@@ -48,6 +68,7 @@ class BackendConfig(_Strict):
     discover: bool = True
     timeouts: TimeoutsOverride = TimeoutsOverride()
     health_path: str | None = None
+    managed: ManagedConfig | None = None
 
     @field_validator("url")
     @classmethod
