@@ -27,6 +27,7 @@ __all__ = [
     "cached_gguf",
     "convert_bert_to_gguf",
     "source_key",
+    "special_token_ids",
 ]
 
 CONVERTER_VERSION = 1
@@ -45,9 +46,8 @@ _POOLING_MODES = (
 _ST_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8", "I64": "<i8", "I32": "<i4"}
 _SKIPPED_PREFIXES = ("embeddings.position_ids", "pooler.", "cls.predictions", "cls.seq_relationship")
 _ALWAYS_F32 = ("position_embd.weight", "token_types.weight")
-_DEFAULT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_DEFAULT_SPECIALS = {"unk": "[UNK]", "sep": "[SEP]", "pad": "[PAD]", "cls": "[CLS]", "mask": "[MASK]"}
 _SPECIAL_ID_KINDS = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
-_SPECIAL_KEYS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token", "bos_token", "eos_token")
 
 
 def _read_json(path: Path) -> Any:
@@ -123,23 +123,37 @@ def _wordpiece_vocab(model_dir: Path) -> dict[str, int]:
     return {tok: idx for idx, tok in enumerate(lines)}
 
 
+def _special_names(model_dir: Path) -> dict[str, str]:
+    """Special-token kind -> text, from tokenizer_config.json / special_tokens_map.json, BERT defaults."""
+    names = dict(_DEFAULT_SPECIALS)
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        spec = _read_json_or_empty(model_dir / file)
+        for kind in _SPECIAL_ID_KINDS:
+            value = spec.get(f"{kind}_token")
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                names[kind] = value
+    return names
+
+
 def _token_kinds(model_dir: Path, vocab: dict[str, int]) -> dict[int, gguf.TokenType]:
     """Control/user-defined types of the added and special tokens, by id."""
     kinds: dict[int, gguf.TokenType] = {}
     for added in _read_json_or_empty(model_dir / "tokenizer.json").get("added_tokens", []):
         kinds[int(added["id"])] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-    names = set(_DEFAULT_SPECIALS)
-    for file in ("special_tokens_map.json", "tokenizer_config.json"):
-        spec = _read_json_or_empty(model_dir / file)
-        for key in _SPECIAL_KEYS:
-            value = spec.get(key)
-            value = value.get("content") if isinstance(value, dict) else value
-            if isinstance(value, str):
-                names.add(value)
-    for name in names:
+    for name in _special_names(model_dir).values():
         if name in vocab:
             kinds[vocab[name]] = gguf.TokenType.CONTROL
     return kinds
+
+
+def special_token_ids(model_dir: Path) -> dict[str, int]:
+    """Special-token ids (bos is [CLS]) found by name in the vocabulary; fills gaps left by SpecialVocab."""
+    vocab = _wordpiece_vocab(model_dir)
+    ids = {kind: vocab[name] for kind, name in _special_names(model_dir).items() if name in vocab}
+    if "cls" in ids:
+        ids.setdefault("bos", ids["cls"])
+    return ids
 
 
 def _phantom(token: str, kind: int) -> str:
@@ -259,6 +273,9 @@ def _write_vocab(writer: gguf.GGUFWriter, model_dir: Path, config: dict[str, Any
     writer.add_token_types(types)
     kinds = [kind for kind in _SPECIAL_ID_KINDS if hasattr(writer, f"add_{kind}_token_id")]  # no cls in new gguf
     special = gguf.SpecialVocab(model_dir, n_vocab=len(tokens), special_token_types=kinds)
+    for kind, token_id in special_token_ids(model_dir).items():
+        if kind in kinds:
+            special.special_token_ids.setdefault(kind, token_id)
     special.add_to_gguf(writer, quiet=True)
 
 
