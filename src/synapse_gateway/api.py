@@ -7,6 +7,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -16,15 +17,16 @@ from .body import read_json_body
 from .errors import GatewayError, InternalError, MethodNotAllowed, ModelNotFound, NotFound, error_response
 from .gateway import GATEWAY_KEY, Gateway
 from .metrics import CONTENT_TYPE
+from .proxy import BodyFor, JsonBody
+from .upload import MultipartUpload
 
 log = logging.getLogger("synapse.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ROUTED = {"exact", "alias", "pattern", "discovered"}
-INFERENCE_PATHS = {
-    "/v1/chat/completions": "/chat/completions",
-    "/v1/completions": "/completions",
-    "/v1/embeddings": "/embeddings",
-}
+JSON_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/audio/speech")
+UPLOAD_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
+API_PATHS = {path: path.removeprefix("/v1") for path in (*JSON_PATHS, *UPLOAD_PATHS)}
+BodyReader = Callable[[web.Request, RequestRecord], Awaitable[tuple[str, BodyFor]]]
 
 
 def _request_id(request: web.Request) -> str:
@@ -56,14 +58,28 @@ class Api:
         return self.app[GATEWAY_KEY]
 
     async def inference(self, request: web.Request) -> web.StreamResponse:
-        """POST /v1/chat/completions, /v1/completions, /v1/embeddings: route by model and forward."""
+        """POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/audio/speech: JSON, routed by model."""
+        return await self._handle(request, self._read_json)
+
+    async def upload(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/audio/transcriptions and /v1/audio/translations: multipart, streamed through."""
+        return await self._handle(request, self._read_upload)
+
+    async def _read_json(self, request: web.Request, record: RequestRecord) -> tuple[str, BodyFor]:
+        payload, raw = await read_json_body(request, self.gateway.loaded.config.server.max_body_size)
+        record.stream = bool(payload.get("stream"))
+        return payload["model"], JsonBody(payload, raw)
+
+    async def _read_upload(self, request: web.Request, record: RequestRecord) -> tuple[str, BodyFor]:
+        upload = await MultipartUpload.read_head(request, self.gateway.loaded.config.server.max_upload_size)
+        return upload.model, upload
+
+    async def _handle(self, request: web.Request, read: BodyReader) -> web.StreamResponse:
         gateway = self.gateway
         record = RequestRecord(_request_id(request), request.method, request.path, time.perf_counter())
         try:
-            limit = gateway.loaded.config.server.max_body_size
-            payload, raw = await read_json_body(request, limit)
-            model = record.model = payload["model"]
-            record.stream = bool(payload.get("stream"))
+            model, body_for = await read(request, record)
+            record.model = model
             resolution = gateway.router.resolve(model, use_fallback=False)
             if resolution is None:
                 await gateway.catalog.refresh_on_miss(model)
@@ -71,8 +87,8 @@ class Api:
             if resolution is None:
                 raise ModelNotFound(model)
             record.route = resolution.source
-            return await gateway.proxy.forward(request, record, resolution, payload=payload, raw=raw,
-                                               api_path=INFERENCE_PATHS[request.path])
+            return await gateway.proxy.forward(request, record, resolution, body_for=body_for,
+                                               api_path=API_PATHS[request.path])
         except GatewayError as exc:
             return self._fail(record, exc, request)
         except (asyncio.CancelledError, ConnectionResetError):

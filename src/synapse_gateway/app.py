@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .api import INFERENCE_PATHS, Api, stamp_response
+from .api import JSON_PATHS, UPLOAD_PATHS, Api, stamp_response
 from .config import LoadedConfig
 from .gateway import lifespan
 
@@ -17,8 +17,10 @@ def create_app(loaded: LoadedConfig) -> web.Application:
     app.on_response_prepare.append(stamp_response)
     api = Api(app)
     routes = app.router
-    for path in INFERENCE_PATHS:
+    for path in JSON_PATHS:
         routes.add_post(path, api.inference)
+    for path in UPLOAD_PATHS:
+        routes.add_post(path, api.upload)
     routes.add_get("/v1/models", api.list_models, allow_head=False)
     routes.add_get("/v1/models/{model:.+}", api.get_model, allow_head=False)
     routes.add_get("/health/live", api.live, allow_head=False)

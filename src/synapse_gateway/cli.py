@@ -53,6 +53,31 @@ def check(config_file: str) -> None:
     click.echo(f"{config_file}: OK ({len(problems)} warning(s))")
 
 
+@main.group()
+def engine() -> None:
+    """Run one of Synapse's own engines (the gateway starts them itself in the default stack)."""
+
+
+@engine.command("audio")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Audio engine config (YAML). Default: the packaged Whisper tiny.en and Piper voice.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8300, show_default=True)
+def audio_engine(config_path: str | None, host: str, port: int) -> None:
+    """Speech-to-text (faster-whisper) and text-to-speech (Piper) behind the OpenAI audio API."""
+    from .audio.config import AudioEngineConfig
+    from .audio.server import run_audio_engine
+
+    setup_logging("info")
+    try:
+        config = AudioEngineConfig.from_yaml(config_path) if config_path else AudioEngineConfig.packaged_default()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(problem.render(), err=True)
+        sys.exit(2)
+    run_audio_engine(config, host, port)
+
+
 @main.command("engines")
 @click.option("--url", default="http://127.0.0.1:4000", envvar="SYNAPSE_URL", show_default=True,
               help="The running gateway.")

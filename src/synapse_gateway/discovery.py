@@ -87,7 +87,8 @@ class Catalog:
     async def probe(self, backend: Backend) -> None:
         """Ask one backend what it serves (or just whether it answers), and record the result."""
         if backend.engine is not None and not backend.engine.ready.is_set():
-            self._mark(backend, f"managed engine is {backend.engine.state}")
+            # Not an outage: the engine says itself when it is up, or why it failed.
+            backend.reachable, backend.last_error = False, f"managed engine is {backend.engine.state}"
             return
         try:
             if backend.discover:

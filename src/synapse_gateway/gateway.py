@@ -71,7 +71,9 @@ class Gateway:
         """Say at start-up which backends answer, what they serve, and how to add more."""
         for backend in self.backends.values():
             self.metrics.backend_up.labels(backend.name).set(1 if backend.reachable else 0)
-            if backend.reachable:
+            if backend.engine is not None and not backend.reachable:
+                log.info("backend %s (%s): starting its managed engine", backend.name, backend.url)
+            elif backend.reachable:
                 models = sorted(backend.discovered or backend.static_models)
                 log.info("backend %s (%s, %s) answers; models: %s", backend.name, backend.protocol,
                          backend.url, ", ".join(models[:20]) or "none listed")

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -19,11 +19,38 @@ from .engines.process import EngineFailed
 from .errors import GatewayError
 from .metrics import Metrics
 from .routing import Resolution, Router
-from .streaming import relay_sse
-from .upstream import TRANSPORT_ERRORS, AttemptFailed, send, transport_failure
+from .streaming import relay
+from .upstream import TRANSPORT_ERRORS, AttemptFailed, Body, send, transport_failure
 
 log = logging.getLogger("synapse.proxy")
 _ERROR_BODY_LIMIT = 64 * 1024
+# Answers relayed chunk by chunk as they arrive; anything else (JSON) is read whole first.
+_STREAMED_TYPES = ("text/event-stream", "audio/", "application/octet-stream")
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+class BodyFor(Protocol):
+    """What to send for a given upstream model name; `replayable` says whether a retry can resend it."""
+
+    @property
+    def replayable(self) -> bool: ...
+
+    def __call__(self, upstream_model: str) -> tuple[Body, dict[str, str]]: ...
+
+
+class JsonBody:
+    """A parsed JSON request: its raw bytes when the model keeps its name, else re-serialised once per name."""
+
+    replayable = True
+
+    def __init__(self, payload: dict[str, Any], raw: bytes) -> None:
+        self.payload = payload
+        self.raw = raw
+
+    def __call__(self, upstream_model: str) -> tuple[Body, dict[str, str]]:
+        if upstream_model == self.payload["model"]:
+            return self.raw, _JSON_HEADERS
+        return orjson.dumps({**self.payload, "model": upstream_model}), _JSON_HEADERS
 
 
 class Proxy:
@@ -37,19 +64,19 @@ class Proxy:
         self.metrics = metrics
 
     async def forward(self, request: web.Request, record: RequestRecord, resolution: Resolution, *,
-                      payload: dict[str, Any], raw: bytes, api_path: str) -> web.StreamResponse:
+                      body_for: BodyFor, api_path: str) -> web.StreamResponse:
         """Try the resolution's deployments (then its fallback models) until one answers."""
-        stream = bool(payload.get("stream"))
         failure: AttemptFailed | None = None
         for attempt, target in enumerate(self._plan(resolution)):
             if attempt:
+                if not body_for.replayable:
+                    break
                 record.retries += 1
                 self.metrics.retries.labels(resolution.model, target.backend.name).inc()
             record.backend, record.upstream_model = target.backend.name, target.upstream_model
-            body = raw if target.upstream_model == payload["model"] else orjson.dumps(
-                {**payload, "model": target.upstream_model})
+            body, headers = body_for(target.upstream_model)
             try:
-                return await self._attempt(request, record, target, body, api_path, stream)
+                return await self._attempt(request, record, target, body, headers, api_path)
             except AttemptFailed as exc:
                 failure = exc
                 self._count_failure(target, exc)
@@ -71,10 +98,10 @@ class Proxy:
         log.warning("attempt at backend %s failed (%s): %s%s", backend.name, exc.kind, exc.message,
                     f"; cooling down for {self.balancer.policy.cooldown:g}s" if cooled else "")
 
-    async def _attempt(self, request: web.Request, record: RequestRecord, target: Target, body: bytes,
-                       api_path: str, stream: bool) -> web.StreamResponse:
+    async def _attempt(self, request: web.Request, record: RequestRecord, target: Target, body: Body,
+                       headers: dict[str, str], api_path: str) -> web.StreamResponse:
         backend = target.backend
-        headers = {"Content-Type": "application/json", "X-Request-Id": record.request_id, **backend.headers}
+        headers = {**headers, "X-Request-Id": record.request_id, **backend.headers}
         gauge = self.metrics.in_flight_gauge(backend.name)
         backend.in_flight += 1
         gauge.inc()
@@ -90,9 +117,7 @@ class Proxy:
                 raise
             if upstream.status >= 500:
                 raise await _status_failure(upstream, backend.name)
-            is_sse = upstream.content_type == "text/event-stream"
-            idle = backend.timeouts.stream_idle
-            if not (stream and is_sse and upstream.status == 200):
+            if upstream.status != 200 or not upstream.content_type.startswith(_STREAMED_TYPES):
                 try:
                     data = await upstream.read()
                 except TRANSPORT_ERRORS as exc:
@@ -106,9 +131,10 @@ class Proxy:
             if not first:
                 raise AttemptFailed("protocol", f"backend {backend.name} ended the stream before any data")
             record.first_byte = time.perf_counter()
+            record.stream = True
             self.balancer.succeeded(target.deployment)
             response = _stream_response(record, upstream)
-            await relay_sse(request, upstream, first, response, record, idle)
+            await relay(request, upstream, first, response, record, backend.timeouts.stream_idle)
             return response
         finally:
             backend.in_flight -= 1
@@ -161,6 +187,8 @@ def _stream_response(record: RequestRecord, upstream: aiohttp.ClientResponse) ->
     response.headers["Content-Type"] = upstream.headers.get("Content-Type", "text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
+    if upstream.content_length is not None:  # a sized audio file keeps its size; streams are chunked
+        response.content_length = upstream.content_length
     return response
 
 

@@ -68,9 +68,14 @@ class IdleWatchdog:
         self._handle.cancel()
 
 
-async def relay_sse(request: web.Request, upstream: aiohttp.ClientResponse, first_chunk: bytes,
-                    response: web.StreamResponse, record: RequestRecord, idle_timeout: float) -> None:
-    """Copy the upstream stream to the client as it arrives; end a failed stream with an error event."""
+async def relay(request: web.Request, upstream: aiohttp.ClientResponse, first_chunk: bytes,
+                response: web.StreamResponse, record: RequestRecord, idle_timeout: float) -> None:
+    """Copy the upstream body to the client as it arrives.
+
+    A failed event stream ends with an error event; any other failed stream (audio) is cut off, so
+    that the client sees an incomplete body rather than a truncated file that looks whole.
+    """
+    sse = upstream.content_type == "text/event-stream"
     await response.prepare(request)
     tail = UsageTail()
     chunk = first_chunk
@@ -79,7 +84,8 @@ async def relay_sse(request: web.Request, upstream: aiohttp.ClientResponse, firs
     try:
         while chunk:
             await response.write(chunk)
-            tail.feed(chunk)
+            if sse:
+                tail.feed(chunk)
             try:
                 chunk = await upstream.content.readany()
             except TimeoutError:  # the watchdog, or the client's read timeout (also a TimeoutError)
@@ -91,6 +97,10 @@ async def relay_sse(request: web.Request, upstream: aiohttp.ClientResponse, firs
             watchdog.touch()
         if failure is not None:
             record.error = failure.message
+            if not sse:
+                if request.transport is not None:
+                    request.transport.close()
+                return
             separator = b"" if tail.tail.endswith(b"\n\n") or not tail.tail else b"\n\n"
             await response.write(separator + error_event(failure))
         await response.write_eof()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Literal
 
 import aiohttp
@@ -10,6 +11,7 @@ from .backends import Backend
 from .errors import BackendTimeout, BackendUnavailable, BadGateway, GatewayError
 
 FailureKind = Literal["connect", "timeout", "status", "protocol"]
+Body = bytes | AsyncIterator[bytes]
 
 
 class AttemptFailed(Exception):
@@ -49,7 +51,7 @@ def transport_failure(backend: Backend, stage: str, exc: BaseException) -> Attem
 TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientError)
 
 
-async def send(session: aiohttp.ClientSession, backend: Backend, url: str, body: bytes,
+async def send(session: aiohttp.ClientSession, backend: Backend, url: str, body: Body,
                headers: dict[str, str]) -> aiohttp.ClientResponse:
     """POST `body` and wait for the response head within the backend's connect and first-byte limits."""
     try:

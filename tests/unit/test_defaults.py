@@ -1,10 +1,14 @@
-"""The embedded default: Ollama at OLLAMA_HOST (as Ollama reads it) is the discovered fallback."""
+"""The embedded default: the local stack from packaged models, and Ollama at OLLAMA_HOST as the fallback."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from synapse_gateway.defaults import default_config, ollama_url
+from tests.conftest import dead_url
+from tests.fakes.ollama import FakeOllama
 
 
 @pytest.mark.parametrize(("value", "url"), [
@@ -18,9 +22,28 @@ def test_ollama_host_forms(value: str, url: str) -> None:
     assert ollama_url({"OLLAMA_HOST": value}) == url
 
 
-def test_default_config_uses_ollama_as_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:12345")
-    config = default_config().config
+def test_default_is_the_local_stack_with_ollama_as_fallback(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    with FakeOllama(["llama3.2:3b"]) as ollama:
+        monkeypatch.setenv("OLLAMA_HOST", ollama.url)
+        monkeypatch.setenv("SYNAPSE_CACHE_DIR", str(tmp_path))
+        loaded = default_config()
+    config = loaded.config
     assert config.fallback == "ollama"
-    assert config.backends["ollama"].url == "http://127.0.0.1:12345"
-    assert config.backends["ollama"].protocol == "ollama"
+    assert config.backends["ollama"].url == ollama.url
+    missing = [w.message for w in loaded.warnings]
+    for name in ("chat", "embeddings", "audio"):
+        if name in config.backends:
+            managed = config.backends[name].managed
+            assert managed is not None and managed.command
+        else:
+            assert any(m.startswith(f"{name}:") for m in missing), f"{name} is missing without a reason"
+
+
+def test_without_ollama_unknown_models_are_404_and_it_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    monkeypatch.setenv("OLLAMA_HOST", dead_url())
+    monkeypatch.setenv("SYNAPSE_CACHE_DIR", str(tmp_path))
+    loaded = default_config()
+    assert loaded.config.fallback is None
+    assert any("no Ollama answers" in w.message for w in loaded.warnings)

@@ -141,6 +141,7 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(4000, ge=0, le=65535)
     max_body_size: Size = Field(32 * 1024 * 1024, gt=0)
+    max_upload_size: Size = Field(25 * 1000 * 1000, gt=0)
     drain_timeout: Duration = Field(30.0, ge=0)
     shutdown_delay: Duration = Field(0.0, ge=0)
     access_log: bool = True

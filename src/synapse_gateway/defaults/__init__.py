@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from importlib.resources import files
 from urllib.parse import urlsplit
 
-from ..config import LoadedConfig, parse_config
+from pydantic import ValidationError
+
+from ..config import ConfigError, LoadedConfig, Problem, SynapseConfig
 
 DEFAULT_SOURCE = "<embedded default>"
 
@@ -24,6 +25,13 @@ def ollama_url(env: dict[str, str] | None = None) -> str:
 
 
 def default_config() -> LoadedConfig:
-    """The embedded default config, with Ollama's address filled in."""
-    text = (files(__package__) / "default.yaml").read_text(encoding="utf-8")
-    return parse_config(text.replace("{ollama_url}", ollama_url()), DEFAULT_SOURCE)
+    """The embedded default: the local stack from packaged models, with a local Ollama as the fallback."""
+    from ..localstack.stack import local_stack
+
+    data, missing = local_stack(ollama_url())
+    try:
+        config = SynapseConfig.model_validate(data)
+    except ValidationError as exc:  # a bug in the default, not the user's doing
+        raise ConfigError([Problem("error", f"the embedded default is invalid: {exc}")]) from exc
+    notes = [Problem("warning", line, file=DEFAULT_SOURCE) for line in missing]
+    return LoadedConfig(config=config, source=DEFAULT_SOURCE, dialect="native", warnings=notes)
