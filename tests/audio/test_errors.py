@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -116,3 +117,16 @@ def test_speech_body_must_be_json(audio_url: str) -> None:
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "voice"
     assert route.status_code == 404 and method.status_code == 405
     assert answer.headers["x-request-id"]
+
+
+def test_many_uploads_in_odd_sizes_all_get_their_400(audio_url: str) -> None:
+    """Regression: small multipart reads made aiohttp push bytes back with a deprecated call (a 500 here)."""
+
+    def upload(index: int) -> int:
+        with httpx.Client(base_url=audio_url, timeout=60) as http:
+            answer = http.post("/v1/audio/transcriptions", data={"model": "whisper-1", "prompt": "p" * (index % 300)},
+                               files={"file": ("a.wav", os.urandom(1000 + index * 3717 % 300_000))})
+            return answer.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(upload, range(160))) == {400}

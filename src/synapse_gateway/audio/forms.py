@@ -17,6 +17,9 @@ from .stt import Task, TranscriptionOptions
 JSON_BODY_LIMIT = 1024 * 1024
 _FIELD_LIMIT = 64 * 1024
 _GRANULARITIES = ("segment", "word")
+# Far above what aiohttp buffers (a few 100 KiB), so its multipart reader never has to push surplus bytes
+# back with StreamReader.unread_data(): that path warns DeprecationWarning, unlike its boundary push-back.
+_READ_SIZE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,7 @@ async def read_transcription_form(request: web.Request, *, task: Task, max_bytes
 
 async def _read_part(part: BodyPartReader, limit: int, name: str) -> bytes:
     data = bytearray()
-    while chunk := await part.read_chunk(64 * 1024):
+    while chunk := await part.read_chunk(_READ_SIZE):
         data += chunk
         if len(data) > limit:
             if name == "file":
