@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -49,9 +50,21 @@ def start_gateway() -> Iterator[GatewayFactory]:
         gateway.stop()
 
 
+_HELD_PORTS: list[socket.socket] = []
+
+
 def dead_url() -> str:
-    """An address where nothing listens: connections are refused at once."""
-    from tests.gateway_harness import free_port
+    """An address where connections are refused at once: a port held bound (so nobody else takes it)
+    but never listening, for the rest of the test session."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD_PORTS.append(sock)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
-    return f"http://127.0.0.1:{free_port()}"
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _release_held_ports() -> Iterator[None]:
+    yield
+    while _HELD_PORTS:
+        _HELD_PORTS.pop().close()

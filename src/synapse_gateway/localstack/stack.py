@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ollama_answers(url: str, timeout: float = 0.3) -> bool:
-    """Whether something accepts connections at Ollama's address (a quick TCP connect)."""
-    host, _, port = url.split("://", 1)[-1].rpartition(":")
+def ollama_answers(url: str, timeout: float = 0.5) -> bool:
+    """Whether an Ollama answers at `url` (GET /api/version)."""
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            return True
+        with urllib.request.urlopen(f"{url}/api/version", timeout=timeout) as answer:
+            return bool(answer.status == 200 and b"version" in answer.read())
     except (OSError, ValueError):
         return False
 
