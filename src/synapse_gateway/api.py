@@ -18,6 +18,7 @@ from .errors import GatewayError, InternalError, MethodNotAllowed, ModelNotFound
 from .gateway import GATEWAY_KEY, Gateway
 from .metrics import CONTENT_TYPE
 from .proxy import BodyFor, JsonBody
+from .scheduler.build import Gpu
 from .upload import MultipartUpload
 
 log = logging.getLogger("synapse.api")
@@ -164,6 +165,37 @@ class Api:
     async def engines(self, request: web.Request) -> web.Response:
         """GET /admin/engines: each managed engine's state, PID, uptime, restarts and memory."""
         return _json({"engines": [engine.status() for engine in self.gateway.engines]})
+
+    async def gpu_status(self, request: web.Request) -> web.Response:
+        """GET /admin/gpu: the budget of each device and the state of each unit."""
+        gpu = self._gpu()
+        scheduler = gpu.scheduler
+        devices = [{"device": name, "budget": scheduler.capacity(name), "used": scheduler.used(name)}
+                   for name in scheduler.devices]
+        return _json({"devices": devices, "units": scheduler.status()})
+
+    async def gpu_action(self, request: web.Request) -> web.Response:
+        """POST /admin/gpu/{unit}/wake|sleep: wake a unit now, or put it to sleep if it is idle."""
+        scheduler = self._gpu().scheduler
+        name, action = request.match_info["unit"], request.match_info["action"]
+        unit = scheduler.units.get(name)
+        if unit is None:
+            return error_response(NotFound(f"no GPU-scheduled unit {name!r}; GET /admin/gpu lists them"))
+        try:
+            await (scheduler.wake(unit) if action == "wake" else scheduler.sleep(unit))
+        except GatewayError as exc:
+            if exc.code == "backend_busy":
+                exc.status = 409
+            return error_response(exc)
+        return _json({"unit": name, "state": str(unit.state)})
+
+    def _gpu(self) -> Gpu:
+        gpu = self.gateway.gpu
+        if gpu is None:
+            raise web.HTTPNotFound(text='{"error": {"message": "no gpu: section in the config", '
+                                        '"type": "invalid_request_error", "param": null, "code": "not_found"}}',
+                                   content_type="application/json")
+        return gpu
 
     async def not_found(self, request: web.Request) -> web.Response:
         error = NotFound(f"{request.method} {request.path} is not a route of this gateway; "

@@ -27,6 +27,8 @@ def create_app(loaded: LoadedConfig) -> web.Application:
     routes.add_get("/health/ready", api.ready, allow_head=False)
     routes.add_get("/metrics", api.metrics, allow_head=False)
     routes.add_get("/admin/engines", api.engines, allow_head=False)
+    routes.add_get("/admin/gpu", api.gpu_status, allow_head=False)
+    routes.add_post("/admin/gpu/{unit}/{action:wake|sleep}", api.gpu_action)
     for resource in list(routes.resources()):
         if isinstance(resource, web.Resource):
             resource.add_route("*", api.method_not_allowed)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .config.schema import BackendConfig, Timeouts
+from .config.schema import BackendConfig, LifecycleConfig, Timeouts
 
 if TYPE_CHECKING:
     from .engines.process import ManagedEngine
@@ -34,6 +34,7 @@ class Backend:
     last_error: str | None = None
     discovered: frozenset[str] = field(default_factory=frozenset)
     engine: ManagedEngine | None = None
+    lifecycle: LifecycleConfig | None = None
 
     def health_url(self, path: str | None = None) -> str:
         """An absolute health URL: `path` may be a full URL, a path on this backend, or None (the default)."""
@@ -62,6 +63,7 @@ class Backend:
             discover=config.discover,
             health_path=config.health_path or _HEALTH_PATH[config.protocol],
             client_timeout=client_timeout,
+            lifecycle=config.lifecycle,
             static_models=tuple(config.models),
         )
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import urllib.error
+import urllib.request
+from typing import Any
 
 import click
 
@@ -83,16 +87,7 @@ def audio_engine(config_path: str | None, host: str, port: int) -> None:
               help="The running gateway.")
 def list_engines(url: str) -> None:
     """List the managed engines of a running gateway: state, PID, uptime, restarts, memory."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/admin/engines", timeout=5) as answer:
-            engines = json.load(answer)["engines"]
-    except (urllib.error.URLError, OSError) as exc:
-        click.echo(f"synapse: cannot reach the gateway at {url}: {exc}", err=True)
-        sys.exit(1)
+    engines = _admin(url, "GET", "/admin/engines")["engines"]
     if not engines:
         click.echo("no managed engines (a backend gets one with `managed: {command: [...]}`)")
         return
@@ -102,6 +97,55 @@ def list_engines(url: str) -> None:
         uptime = f"{e['uptime_s']:.0f}s" if e["uptime_s"] is not None else "-"
         click.echo(f"{e['name']:<20} {e['state']:<9} {e['pid'] or '-':>7} {uptime:>9} {e['restarts']:>8} "
                    f"{memory:>9}  {e['last_error'] or ''}")
+
+
+@main.group()
+def gpu() -> None:
+    """GPU time-sharing of a running gateway: status, and waking or sleeping a backend by hand."""
+
+
+@gpu.command("status")
+@click.option("--url", default="http://127.0.0.1:4000", envvar="SYNAPSE_URL", show_default=True)
+def gpu_status(url: str) -> None:
+    """Each unit's state, memory held, last use, requests in flight and queue; each device's budget."""
+    status = _admin(url, "GET", "/admin/gpu")
+    for device in status["devices"]:
+        click.echo(f"device {device['device']}: {device['used'] / 2**30:.1f} of {device['budget'] / 2**30:.1f} GiB")
+    click.echo(f"{'UNIT':<28} {'DRIVER':<11} {'STATE':<9} {'HELD':>9} {'IDLE':>8} {'IN FLIGHT':>9} {'QUEUE':>6}")
+    for u in status["units"]:
+        click.echo(f"{u['unit']:<28} {u['driver']:<11} {u['state']:<9} {u['memory_held'] / 2**30:>6.1f}GiB "
+                   f"{u['idle_s']:>7.0f}s {u['in_flight']:>9} {u['queue']:>6}")
+
+
+@gpu.command("wake")
+@click.argument("name")
+@click.option("--url", default="http://127.0.0.1:4000", envvar="SYNAPSE_URL", show_default=True)
+def gpu_wake(name: str, url: str) -> None:
+    """Make NAME resident now (evicting idle units if needed)."""
+    click.echo(f"{name}: {_admin(url, 'POST', f'/admin/gpu/{name}/wake')['state']}")
+
+
+@gpu.command("sleep")
+@click.argument("name")
+@click.option("--url", default="http://127.0.0.1:4000", envvar="SYNAPSE_URL", show_default=True)
+def gpu_sleep(name: str, url: str) -> None:
+    """Put NAME to sleep now, if it has nothing in flight."""
+    click.echo(f"{name}: {_admin(url, 'POST', f'/admin/gpu/{name}/sleep')['state']}")
+
+
+def _admin(url: str, method: str, path: str) -> dict[str, Any]:
+    """Call an admin route of a running gateway; exit 1 with its error message when it fails."""
+    request = urllib.request.Request(f"{url.rstrip('/')}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=1800) as answer:
+            result: dict[str, Any] = json.load(answer)
+            return result
+    except urllib.error.HTTPError as exc:
+        message = json.loads(exc.read() or b"{}").get("error", {}).get("message", exc.reason)
+        click.echo(f"synapse: {message}", err=True)
+    except (urllib.error.URLError, OSError) as exc:
+        click.echo(f"synapse: cannot reach the gateway at {url}: {exc}", err=True)
+    sys.exit(1)
 
 
 def _load_or_exit(config_path: str | None) -> LoadedConfig:

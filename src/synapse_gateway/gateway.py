@@ -7,6 +7,7 @@ import functools
 import logging
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ from .engines.process import ManagedEngine
 from .metrics import Metrics
 from .proxy import Proxy
 from .routing import Router
+from .scheduler.build import Gpu, build_gpu, managed_by_scheduler
+from .scheduler.metrics import SchedulerMetrics
 
 log = logging.getLogger("synapse")
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
@@ -41,6 +44,7 @@ class Gateway:
     catalog: Catalog
     proxy: Proxy
     access_log: AccessLog
+    gpu: Gpu | None = None
     draining: bool = False
     ready: bool = False
     started_at: float = field(default_factory=time.time)
@@ -99,7 +103,14 @@ def lifespan(loaded: LoadedConfig) -> Callable[[web.Application], AsyncIterator[
         session = new_session()
         gateway = Gateway.build(loaded, session)
         app[GATEWAY_KEY] = gateway
-        starting = [asyncio.create_task(engine.start()) for engine in gateway.engines]
+        starting = [asyncio.create_task(b.engine.start()) for b in gateway.backends.values()
+                    if b.engine is not None and not managed_by_scheduler(b)]
+        if loaded.config.gpu is not None:
+            await asyncio.gather(*starting)  # the scheduler asks running engines whether they are resident
+            gateway.gpu = await build_gpu(loaded.config.gpu, gateway.backends, session,
+                                          SchedulerMetrics(gateway.metrics.registry), replica=uuid.uuid4().hex[:12])
+            gateway.proxy.gpu = gateway.gpu
+            await gateway.gpu.scheduler.start()
         await gateway.catalog.start()
         gateway.report_backends()
         gateway.ready = True
@@ -108,6 +119,9 @@ def lifespan(loaded: LoadedConfig) -> Callable[[web.Application], AsyncIterator[
         finally:
             gateway.ready = False
             gateway.access_log.flush()
+            if gateway.gpu is not None:
+                await gateway.gpu.scheduler.stop()
+                await gateway.gpu.scheduler.coordinator.close()
             await gateway.catalog.stop()
             await asyncio.gather(*(engine.stop() for engine in gateway.engines), *starting,
                                  return_exceptions=True)

@@ -19,7 +19,9 @@ from .engines.process import EngineFailed
 from .errors import GatewayError
 from .metrics import Metrics
 from .routing import Resolution, Router
-from .streaming import relay
+from .scheduler.build import Gpu
+from .scheduler.units import Unit
+from .streaming import end_event_stream, keep_alive_while, relay, start_event_stream
 from .upstream import TRANSPORT_ERRORS, AttemptFailed, Body, send, transport_failure
 
 log = logging.getLogger("synapse.proxy")
@@ -62,6 +64,7 @@ class Proxy:
         self.router = router
         self.balancer = balancer
         self.metrics = metrics
+        self.gpu: Gpu | None = None
 
     async def forward(self, request: web.Request, record: RequestRecord, resolution: Resolution, *,
                       body_for: BodyFor, api_path: str) -> web.StreamResponse:
@@ -102,9 +105,39 @@ class Proxy:
                        headers: dict[str, str], api_path: str) -> web.StreamResponse:
         backend = target.backend
         headers = {**headers, "X-Request-Id": record.request_id, **backend.headers}
+        unit = self.gpu.unit_for(backend, target.upstream_model) if self.gpu is not None else None
+        early: web.StreamResponse | None = None
+        if unit is not None:
+            assert self.gpu is not None
+            if record.stream and self.gpu.scheduler.must_wait(unit):
+                early = await start_event_stream(request, _response_headers(record))  # keep-alives while waking
+            try:
+                await self._acquire(unit, early)
+            except AttemptFailed as exc:
+                if early is None:
+                    raise
+                return await end_event_stream(early, exc.to_gateway_error(), record)
         gauge = self.metrics.in_flight_gauge(backend.name)
         backend.in_flight += 1
         gauge.inc()
+        try:
+            return await self._exchange(request, record, target, body, headers, api_path, early)
+        except AttemptFailed as exc:
+            if early is None:
+                raise
+            return await end_event_stream(early, exc.to_gateway_error(), record)  # bytes sent: no failover
+        finally:
+            backend.in_flight -= 1
+            gauge.dec()
+            if unit is not None:
+                assert self.gpu is not None
+                self.gpu.scheduler.release(unit)
+
+    async def _exchange(self, request: web.Request, record: RequestRecord, target: Target, body: Body,
+                        headers: dict[str, str], api_path: str,
+                        early: web.StreamResponse | None) -> web.StreamResponse:
+        """One request to the backend and its answer; `early` is a stream already started for keep-alives."""
+        backend = target.backend
         upstream: aiohttp.ClientResponse | None = None
         try:
             if backend.engine is not None and not backend.engine.ready.is_set():
@@ -123,6 +156,9 @@ class Proxy:
                 except TRANSPORT_ERRORS as exc:
                     raise transport_failure(backend, "the response body", exc) from exc
                 self.balancer.succeeded(target.deployment)
+                if early is not None:
+                    raise AttemptFailed("status", f"backend {backend.name} answered HTTP {upstream.status}: "
+                                                  f"{data[:300].decode('utf-8', 'replace')}", status=upstream.status)
                 return _buffered_response(record, upstream, data)
             try:
                 first = await upstream.content.readany()
@@ -133,14 +169,29 @@ class Proxy:
             record.first_byte = time.perf_counter()
             record.stream = True
             self.balancer.succeeded(target.deployment)
-            response = _stream_response(record, upstream)
+            response = early or _stream_response(record, upstream)
             await relay(request, upstream, first, response, record, backend.timeouts.stream_idle)
             return response
         finally:
-            backend.in_flight -= 1
-            gauge.dec()
             if upstream is not None:
                 upstream.close()
+
+    async def _acquire(self, unit: Unit, early: web.StreamResponse | None) -> None:
+        """Wait until the unit is resident (the scheduler may have to wake it); a refusal may fail over.
+
+        A stream that had to wait gets an SSE comment every keepalive_interval, so proxies in between
+        do not cut it while a cold backend loads.
+        """
+        assert self.gpu is not None
+        scheduler = self.gpu.scheduler
+        try:
+            if early is None:
+                await scheduler.acquire(unit)
+            else:
+                await keep_alive_while(early, scheduler.acquire(unit), scheduler.settings.keepalive_interval,
+                                       f"waiting for {unit.key} to wake")
+        except GatewayError as exc:
+            raise AttemptFailed("connect", exc.message, status=503, retry_after=str(exc.retry_after or 5)) from exc
 
 
 async def _engine_ready(backend: Backend) -> None:

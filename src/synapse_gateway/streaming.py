@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import aiohttp
 import orjson
@@ -114,3 +115,39 @@ def _record_usage(record: RequestRecord, tail: UsageTail) -> None:
     if usage is not None:
         record.tokens_in = usage.get("prompt_tokens")
         record.tokens_out = usage.get("completion_tokens")
+
+
+async def start_event_stream(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+    """Start an SSE answer before the backend has said anything (its status is then always 200)."""
+    response = web.StreamResponse(status=200, headers=headers)
+    response.headers["Content-Type"] = "text/event-stream"
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    await response.prepare(request)
+    return response
+
+
+async def keep_alive_while(response: web.StreamResponse, waiting: Awaitable[None], interval: float,
+                           note: str) -> None:
+    """Await `waiting`, writing an SSE comment line every `interval` seconds until it is done."""
+    task = asyncio.ensure_future(waiting)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=interval)
+            if done:
+                task.result()
+                return
+            await response.write(f": {note}\n\n".encode())
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def end_event_stream(response: web.StreamResponse, error: GatewayError,
+                           record: RequestRecord) -> web.StreamResponse:
+    """End a started SSE answer with an error event (nothing else can be said once it has begun)."""
+    record.status, record.error = 200, error.message
+    await response.write(error_event(error))
+    await response.write_eof()
+    return response

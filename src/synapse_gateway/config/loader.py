@@ -71,6 +71,8 @@ def parse_config(text: str, filename: str = "<config>") -> LoadedConfig:
     native = litellm.translate(plain, problems) if dialect == "litellm" else plain
     config = _validate(native, problems)
     problems.extend(check_references(native))
+    if config is not None:
+        problems.extend(check_budget(config))
     located = sorted((_locate(p, tree, filename, dialect) for p in problems), key=lambda p: p.line or 0)
     if config is None or any(p.severity == "error" for p in located):
         raise ConfigError(located)
@@ -153,6 +155,33 @@ def check_references(data: dict[str, Any]) -> list[Problem]:
                                         "give each public model name one route; list several "
                                         "`deployments` to serve it from several backends", ("routes", index)))
             names[name] = index
+    return problems
+
+
+def check_budget(config: SynapseConfig) -> list[Problem]:
+    """GPU-scheduled backends need a `gpu:` budget, a known device, and to fit it on their own."""
+    scheduled = {name: b.lifecycle for name, b in config.backends.items() if b.lifecycle is not None}
+    if not scheduled:
+        return []
+    if config.gpu is None:
+        return [Problem("error", "backends have a `lifecycle` but there is no `gpu:` budget",
+                        "add `gpu: {memory: 32GiB, reserve: 1GiB}` (see docs/gpu.md)", ("gpu",))]
+    devices = {d.name: d for d in config.gpu.device_list()}
+    problems: list[Problem] = []
+    for name, lifecycle in scheduled.items():
+        path: KeyPath = ("backends", name, "lifecycle")
+        device = devices.get(lifecycle.device)
+        if device is None:
+            problems.append(Problem("error", f"device {lifecycle.device!r} is not in the gpu budget",
+                                    f"use one of {sorted(devices)}", (*path, "device")))
+        elif lifecycle.memory > device.capacity:
+            problems.append(Problem("error", f"needs {lifecycle.memory / 2**30:.1f} GiB but device {device.name} "
+                                    f"has {device.capacity / 2**30:.1f} GiB after its reserve",
+                                    "lower `memory`, the device's `reserve`, or move it to a larger device",
+                                    (*path, "memory")))
+        if lifecycle.driver == "process" and config.backends[name].managed is None:
+            problems.append(Problem("error", "the process driver starts a managed engine, and there is none",
+                                    "add `managed: {command: [...]}` to this backend", (*path, "driver")))
     return problems
 
 

@@ -57,6 +57,74 @@ class ManagedConfig(_Strict):
         return shlex.split(value) if isinstance(value, str) else value
 
 
+class LifecycleConfig(_Strict):
+    """How a backend shares the GPU: what it holds awake and asleep, and how it is woken and put to sleep."""
+
+    driver: Literal["vllm-sleep", "ollama", "kubernetes", "process", "always-on"]
+    device: str = "gpu0"
+    memory: Size = Field(gt=0)
+    sleeping_memory: Size = Field(0, ge=0)
+    priority: int = 0
+    idle_timeout: Duration | None = Field(None, gt=0)
+    min_residency: Duration = Field(0.0, ge=0)
+    exclusive: list[str] = Field(default_factory=list)
+    wake_timeout: Duration = Field(1800.0, gt=0)
+    sleep_level: Literal[1, 2] = 1
+    canary: bool = True
+    namespace: str = "default"
+    deployment: str | None = None
+    kubeconfig: str | None = None
+    max_loaded_models: int = Field(2, ge=1)
+    model_memory: dict[str, Size] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _driver_fields(self) -> LifecycleConfig:
+        if self.driver == "kubernetes" and not self.deployment:
+            raise ValueError("the kubernetes driver needs `deployment`|add `deployment: NAME` (and `namespace`)")
+        if self.sleeping_memory > self.memory:
+            raise ValueError("`sleeping_memory` is larger than `memory`|a backend holds less asleep than awake")
+        return self
+
+
+class DeviceConfig(_Strict):
+    """One GPU's memory budget."""
+
+    name: str = "gpu0"
+    memory: Size = Field(gt=0)
+    reserve: Size = Field(0, ge=0)
+    index: int | None = Field(None, ge=0)
+
+    @property
+    def capacity(self) -> int:
+        return self.memory - self.reserve
+
+
+class GpuConfig(_Strict):
+    """The GPU budget and the scheduler's limits; `memory` and `reserve` are a one-device shorthand."""
+
+    memory: Size | None = Field(None, gt=0)
+    reserve: Size = Field(0, ge=0)
+    devices: list[DeviceConfig] = Field(default_factory=list)
+    nvml: bool | None = None
+    max_queue: int = Field(256, ge=1)
+    max_wait: Duration = Field(1800.0, gt=0)
+    starvation_cap: Duration = Field(30.0, gt=0)
+    keepalive_interval: Duration = Field(10.0, gt=0)
+    redis_url: str | None = None
+    lease_ttl: Duration = Field(15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> GpuConfig:
+        if self.memory is not None and self.devices:
+            raise ValueError("give `memory` (one device) or `devices`, not both|keep one of them")
+        return self
+
+    def device_list(self) -> list[DeviceConfig]:
+        if self.memory is not None:
+            return [DeviceConfig(name="gpu0", memory=self.memory, reserve=self.reserve, index=0)]
+        return list(self.devices)
+
+
 class BackendConfig(_Strict):
     """One inference server Synapse forwards to."""
 
@@ -69,6 +137,7 @@ class BackendConfig(_Strict):
     timeouts: TimeoutsOverride = TimeoutsOverride()
     health_path: str | None = None
     managed: ManagedConfig | None = None
+    lifecycle: LifecycleConfig | None = None
 
     @field_validator("url")
     @classmethod
@@ -158,3 +227,4 @@ class SynapseConfig(_Strict):
     backends: dict[str, BackendConfig] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
     fallback: str | None = None
+    gpu: GpuConfig | None = None

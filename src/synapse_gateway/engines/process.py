@@ -105,6 +105,7 @@ class ManagedEngine:
             await asyncio.gather(self._supervisor, return_exceptions=True)
         await self._terminate()
         self.state = EngineState.STOPPED
+        self._supervisor, self._settled = None, asyncio.Event()  # a later start() starts afresh
 
     def status(self) -> dict[str, Any]:
         """State, PID, uptime, restarts and memory, for `synapse engines` and the admin API."""
