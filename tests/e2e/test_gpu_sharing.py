@@ -168,3 +168,26 @@ def test_a_stream_waiting_for_a_wake_gets_keep_alives(start_gateway: GatewayFact
     assert sum(e.startswith(":") for e in events) >= 2
     assert events[-1] == "data: [DONE]"
     assert slow_waker.requests_while_sleeping == 0
+
+
+def test_kubernetes_deployment_scaled_from_zero_on_demand(start_gateway: GatewayFactory, vllm: FakeVLLM,
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.fakes.kubernetes import FakeKubernetes
+    from tests.unit.scheduler.test_kubernetes_driver import write_kubeconfig
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with FakeKubernetes() as kube:
+        kube.add_deployment("vllm-inference", namespace="llm-infra", replicas=0)
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", kube.url, kube.token)
+        gw = start_gateway({"gpu": {"memory": "32GiB"}, "backends": {"vllm-inference": {
+            "url": vllm.url, "protocol": "vllm", "models": ["llama-3.2-8b"], "health_path": "/health",
+            "lifecycle": {"driver": "kubernetes", "memory": "6GiB", "namespace": "llm-infra",
+                          "deployment": "vllm-inference", "kubeconfig": str(kubeconfig)}}}})
+        assert _gpu(gw)["vllm-inference"] == "asleep"
+        with gw.client() as client:
+            assert client.chat.completions.create(model="llama-3.2-8b", messages=MESSAGES).choices
+        assert _gpu(gw)["vllm-inference"] == "resident"
+        with gw.http() as http:
+            assert http.post("/admin/gpu/vllm-inference/sleep").json()["state"] == "asleep"
+        assert [p.body["spec"]["replicas"] for p in kube.patches()] == [1, 0]
+        assert kube.deployments["llm-infra", "vllm-inference"].pods == []

@@ -111,6 +111,7 @@ class GpuConfig(_Strict):
     starvation_cap: Duration = Field(30.0, gt=0)
     keepalive_interval: Duration = Field(10.0, gt=0)
     redis_url: str | None = None
+    redis_prefix: str = "synapse"
     lease_ttl: Duration = Field(15.0, gt=0)
 
     @model_validator(mode="after")

@@ -53,7 +53,8 @@ async def build_gpu(settings: GpuConfig, backends: dict[str, Backend], session: 
                     metrics: SchedulerMetrics, *, replica: str) -> Gpu:
     coordinator: Coordinator
     if settings.redis_url:
-        coordinator = RedisCoordinator(settings.redis_url, replica=replica, lease_ttl=settings.lease_ttl)
+        coordinator = RedisCoordinator(settings.redis_url, replica=replica, lease_ttl=settings.lease_ttl,
+                                       prefix=settings.redis_prefix)
         await coordinator.connect()
     else:
         coordinator = LocalCoordinator()

@@ -17,9 +17,10 @@ from typing import Any
 
 from ..config.schema import DeviceConfig, GpuConfig
 from ..errors import BackendUnavailable, GatewayError
-from .coordination import Coordinator
+from .coordination import CoordinationError, Coordinator, Lease, LocalCoordinator
 from .drivers.base import LifecycleError, WakeFailed
 from .metrics import SchedulerMetrics
+from .nvml import DeviceMemory
 from .units import Residency, Unit
 
 log = logging.getLogger("synapse.scheduler")
@@ -43,6 +44,8 @@ class Scheduler:
         self._changed: dict[str, asyncio.Event] = {name: asyncio.Event() for name in self.devices}
         self._idle_task: asyncio.Task[None] | None = None
         self._reports: set[asyncio.Task[None]] = set()
+        self.shared = not isinstance(coordinator, LocalCoordinator)
+        self.device_memory = DeviceMemory(list(self.devices.values()), settings.nvml)
         for unit in units:
             self.add(unit)
 
@@ -74,10 +77,12 @@ class Scheduler:
                 log.warning("device %s is over its budget at start-up (%d > %d bytes); evicting idle units",
                             device, self.used(device), self.capacity(device))
                 async with self.coordinator.lease(device) as lease:
-                    await self._make_room(device, None, lease.token)
+                    await self._sync(device)
+                    await self._make_room(device, None, lease)
         self._idle_task = asyncio.create_task(self._sweep_idle(), name="synapse-idle-sweeper")
 
     async def stop(self) -> None:
+        self.device_memory.close()
         if self._idle_task is not None:
             self._idle_task.cancel()
             await asyncio.gather(self._idle_task, return_exceptions=True)
@@ -87,11 +92,7 @@ class Scheduler:
 
     async def acquire(self, unit: Unit) -> None:
         """Return when `unit` is resident with this request counted in flight; 503 when it cannot be."""
-        if unit.state is Residency.RESIDENT and not unit.draining:
-            unit.in_flight += 1
-            unit.touch()
-            if unit.in_flight == 1:
-                self._report(unit)
+        if unit.state is Residency.RESIDENT and not unit.draining and await self._admit(unit):
             return
         if len(unit.waiters) >= self.settings.max_queue:
             raise QueueFull(f"{len(unit.waiters)} requests are already waiting for {unit.key}", retry_after=5)
@@ -116,6 +117,38 @@ class Scheduler:
                 unit.waiters.remove(future)
             self.metrics.queue(unit, waited=time.monotonic() - started)
 
+    async def _admit(self, unit: Unit) -> bool:
+        """The fast path: count the request in flight on a resident unit (checked once across replicas)."""
+        unit.in_flight += 1
+        unit.touch()
+        if not self.shared:
+            if unit.in_flight == 1:
+                self._report(unit)
+            return True
+        if unit.confirmed:
+            return True
+        if unit.confirming is None or unit.confirming.done():
+            unit.confirming = asyncio.create_task(self._still_resident_everywhere(unit))
+        if await asyncio.shield(unit.confirming):
+            return True
+        self.release(unit)  # not resident after all: wait for it like everyone else
+        return False
+
+    async def _still_resident_everywhere(self, unit: Unit) -> bool:
+        """First request on this replica: announce it, then check no other replica began evicting the unit.
+
+        An evicting replica marks the unit sleeping before it reads the in-flight counts, so either it
+        sees this replica's count (and keeps the unit), or this replica sees its mark (and waits).
+        """
+        await self._write_in_flight(unit)
+        record = (await self.coordinator.snapshot()).get(unit.key)
+        if record is None or record.get("state") == str(Residency.RESIDENT):
+            unit.confirmed = unit.in_flight > 0
+            return True
+        unit.state = Residency.ASLEEP  # another replica changed its residency; the slow path syncs
+        self.metrics.state(unit)
+        return False
+
     def must_wait(self, unit: Unit) -> bool:
         """Whether `acquire` would have to wait (the unit is not resident, or is draining)."""
         return unit.state is not Residency.RESIDENT or unit.draining
@@ -124,14 +157,20 @@ class Scheduler:
         unit.in_flight -= 1
         unit.touch()
         if unit.in_flight == 0:
+            unit.confirmed = False  # idle here: another replica may now evict it
             self._changed[unit.device].set()
             self._report(unit)
 
     def _report(self, unit: Unit) -> None:
         """Tell other replicas when a unit starts or stops being in use here (they must not evict it)."""
-        task = asyncio.create_task(self.coordinator.report_in_flight(unit.key, unit.in_flight))
+        task = asyncio.create_task(self._write_in_flight(unit))
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
+
+    async def _write_in_flight(self, unit: Unit) -> None:
+        """Reports are serialized per unit and send the count as it is when written, never a stale one."""
+        async with unit.report_lock:
+            await self.coordinator.report_in_flight(unit.key, unit.in_flight)
 
     async def wake(self, unit: Unit) -> None:
         """Admin: make `unit` resident now (no request is counted)."""
@@ -146,21 +185,26 @@ class Scheduler:
             if unit.in_flight or await self.coordinator.in_flight_elsewhere(unit.key):
                 raise GatewayError(f"{unit.key} has requests in flight; it sleeps once they are done",
                                    code="backend_busy")
-            await self._evict(unit, lease.token, reason="asked to")
+            if not await self._evict(unit, lease, reason="asked to"):
+                raise GatewayError(f"{unit.key} is in use on another replica", code="backend_busy")
 
     async def _bring_in(self, unit: Unit) -> None:
         try:
             async with self.coordinator.lease(unit.device) as lease:
                 await self._sync(unit.device)
                 if unit.state is not Residency.RESIDENT:
-                    await self._make_room(unit.device, unit, lease.token)
-                    await self._wake(unit, lease.token)
-        except (LifecycleError, GatewayError, OSError) as exc:
+                    await self._make_room(unit.device, unit, lease)
+                    await self._wake(unit, lease)
+                # Hand it over and announce the count before the lease goes, or another replica
+                # could take the lease and evict the unit under the requests just dispatched.
+                self._dispatch(unit)
+                if self.shared:
+                    await self._write_in_flight(unit)
+                    unit.confirmed = unit.in_flight > 0
+        except (LifecycleError, GatewayError, CoordinationError, OSError) as exc:
             self._fail_waiters(unit, exc)
-            return
         finally:
             self._undrain(unit.device)
-        self._dispatch(unit)
 
     def _dispatch(self, unit: Unit) -> None:
         """Hand the unit to everyone waiting: counted in flight before they run, so it can't be evicted."""
@@ -200,10 +244,13 @@ class Scheduler:
                 unit.resident_since = time.monotonic() if state is Residency.RESIDENT else unit.resident_since
                 self.metrics.state(unit)
 
-    async def _wake(self, unit: Unit, token: int) -> None:
+    async def _wake(self, unit: Unit, lease: Lease) -> None:
+        lease.check()
+        token = lease.token
         if unit.memory > self.capacity(unit.device):
             raise WakeFailed(f"{unit.key} needs {unit.memory} bytes; device {unit.device} has "
                              f"{self.capacity(unit.device)}")
+        await self._await_real_memory(unit)
         unit.state = Residency.WAKING
         await self._publish(unit, token)
         started = time.monotonic()
@@ -221,9 +268,31 @@ class Scheduler:
         log.info("%s is resident (woke in %.2fs; device %s uses %d of %d bytes)", unit.key,
                  time.monotonic() - started, unit.device, self.used(unit.device), self.capacity(unit.device))
 
-    async def _evict(self, victim: Unit, token: int, *, reason: str) -> None:
-        victim.state = Residency.SLEEPING
+    async def _await_real_memory(self, unit: Unit, patience: float = 10.0) -> None:
+        """Where NVML reads the device, refuse a wake that would not fit the memory really free there.
+
+        A process that just slept may take a moment to hand its memory back, hence the patience.
+        """
+        needed = unit.memory - unit.held()
+        deadline = time.monotonic() + patience
+        while (free := self.device_memory.free(unit.device)) is not None and free < needed:
+            if time.monotonic() > deadline:
+                raise WakeFailed(f"device {unit.device} has {free / 2**30:.1f} GiB really free; {unit.key} "
+                                 f"needs {needed / 2**30:.1f} GiB more (something outside Synapse uses the GPU?)")
+            await asyncio.sleep(_POLL)
+
+    async def _evict(self, victim: Unit, lease: Lease, *, reason: str) -> bool:
+        """Put `victim` to sleep; False when another replica turned out to be using it (it stays)."""
+        lease.check()
+        token = lease.token
+        if victim.in_flight or victim.state is not Residency.RESIDENT:  # a request got in while we looked
+            return False
+        victim.state, victim.confirmed = Residency.SLEEPING, False  # new requests here queue from now on
         await self._publish(victim, token)
+        if await self.coordinator.in_flight_elsewhere(victim.key):
+            victim.state = Residency.RESIDENT
+            await self._publish(victim, token)
+            return False
         started = time.monotonic()
         try:
             async with asyncio.timeout(victim.config.wake_timeout):
@@ -238,8 +307,9 @@ class Scheduler:
         log.info("%s is asleep (%s, in %.2fs)", victim.key, reason, time.monotonic() - started)
         if victim.waiters and (victim.bringing_in is None or victim.bringing_in.done()):
             victim.bringing_in = asyncio.create_task(self._bring_in(victim), name=f"wake-{victim.key}")
+        return True
 
-    async def _make_room(self, device: str, unit: Unit | None, token: int) -> None:
+    async def _make_room(self, device: str, unit: Unit | None, lease: Lease) -> None:
         """Evict idle units (lowest priority, least recently used first) until `unit` fits."""
         started = time.monotonic()
         while True:
@@ -247,8 +317,8 @@ class Scheduler:
             if not conflicts and self._overflow(device, unit) <= 0:
                 return
             victims = await self._eligible(conflicts or self._candidates(device, unit))
-            if victims:
-                await self._evict(victims[0], token, reason=f"room for {unit.key}" if unit else "over budget")
+            if victims and await self._evict(victims[0], lease,
+                                             reason=f"room for {unit.key}" if unit else "over budget"):
                 continue
             if unit is not None and time.monotonic() - started > self.settings.starvation_cap:
                 for busy in conflicts or self._candidates(device, unit):
@@ -297,6 +367,10 @@ class Scheduler:
         """Put units to sleep once they have been idle for their idle_timeout."""
         while True:
             await asyncio.sleep(1.0)
+            for device in self.devices:
+                used = self.device_memory.used(device)
+                if used is not None:
+                    self.metrics.device_bytes.labels(device).set(used)
             now = time.monotonic()
             for unit in list(self.units.values()):
                 timeout = unit.config.idle_timeout
@@ -307,8 +381,8 @@ class Scheduler:
                 try:
                     async with self.coordinator.lease(unit.device) as lease:
                         if unit.state is Residency.RESIDENT and unit.in_flight == 0 and not unit.waiters:
-                            await self._evict(unit, lease.token, reason=f"idle for {timeout:g}s")
-                except (LifecycleError, OSError) as exc:
+                            await self._evict(unit, lease, reason=f"idle for {timeout:g}s")
+                except (LifecycleError, CoordinationError, OSError) as exc:
                     log.warning("idle sleep of %s failed: %s", unit.key, exc)
 
     def status(self) -> list[dict[str, Any]]:

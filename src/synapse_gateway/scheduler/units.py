@@ -38,6 +38,11 @@ class Unit:
     draining: bool = False
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     bringing_in: asyncio.Task[None] | None = None
+    report_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # With several replicas: whether this replica's in-flight count is known to the others while the
+    # unit is resident (then new requests go straight through), and the check that establishes it.
+    confirmed: bool = False
+    confirming: asyncio.Task[bool] | None = None
 
     @property
     def device(self) -> str:
