@@ -106,6 +106,8 @@ class Scheduler:
             async with asyncio.timeout(self.settings.max_wait):
                 await asyncio.shield(future)
         except TimeoutError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                return  # handed over just as the wait ran out
             raise BackendUnavailable(f"{unit.key} did not become resident within {self.settings.max_wait:g}s",
                                      retry_after=30) from None
         except BaseException:
@@ -129,10 +131,14 @@ class Scheduler:
             return True
         if unit.confirming is None or unit.confirming.done():
             unit.confirming = asyncio.create_task(self._still_resident_everywhere(unit))
-        if await asyncio.shield(unit.confirming):
-            return True
-        self.release(unit)  # not resident after all: wait for it like everyone else
-        return False
+        try:
+            confirmed = await asyncio.shield(unit.confirming)
+        except BaseException:
+            self.release(unit)
+            raise
+        if not confirmed:
+            self.release(unit)  # not resident after all: wait for it like everyone else
+        return confirmed
 
     async def _still_resident_everywhere(self, unit: Unit) -> bool:
         """First request on this replica: announce it, then check no other replica began evicting the unit.
