@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -18,21 +16,16 @@ from .errors import GatewayError, InternalError, MethodNotAllowed, ModelNotFound
 from .gateway import GATEWAY_KEY, Gateway
 from .metrics import CONTENT_TYPE
 from .proxy import BodyFor, JsonBody
+from .requestid import request_id
 from .scheduler.build import Gpu
 from .upload import MultipartUpload
 
 log = logging.getLogger("synapse.api")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ROUTED = {"exact", "alias", "pattern", "discovered"}
 JSON_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/audio/speech")
 UPLOAD_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 API_PATHS = {path: path.removeprefix("/v1") for path in (*JSON_PATHS, *UPLOAD_PATHS)}
 BodyReader = Callable[[web.Request, RequestRecord], Awaitable[tuple[str, BodyFor]]]
-
-
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id")
-    return given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 def _json(body: object, status: int = 200) -> web.Response:
@@ -43,7 +36,7 @@ async def stamp_response(request: web.Request, response: web.StreamResponse) -> 
     """Every response names its request id and backend; the proxy path has set both already."""
     headers = response.headers
     if "x-request-id" not in headers:
-        headers["x-request-id"] = _request_id(request)
+        headers["x-request-id"] = request_id(request)
     if "x-synapse-backend" not in headers:
         headers["x-synapse-backend"] = "none"
 
@@ -77,7 +70,7 @@ class Api:
 
     async def _handle(self, request: web.Request, read: BodyReader) -> web.StreamResponse:
         gateway = self.gateway
-        record = RequestRecord(_request_id(request), request.method, request.path, time.perf_counter())
+        record = RequestRecord(request_id(request), request.method, request.path, time.perf_counter())
         try:
             model, body_for = await read(request, record)
             record.model = model

@@ -6,6 +6,8 @@ import asyncio
 import gc
 import logging
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -57,10 +59,15 @@ def _bound_port(runner: web.AppRunner, requested: int) -> int:
 
 
 def run(loaded: LoadedConfig, host: str, port: int) -> None:
-    """Run `serve` on uvloop where available."""
+    """Run the gateway until a signal stops it."""
+    run_async(serve(loaded, host, port))
+
+
+def run_async(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on uvloop where it is installed (it is a dependency except on Windows)."""
     try:
         import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        asyncio.run(serve(loaded, host, port))
+    except ImportError:  # pragma: no cover
+        asyncio.run(main)
         return
-    uvloop.run(serve(loaded, host, port))
+    uvloop.run(main)

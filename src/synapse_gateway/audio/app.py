@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from ..errors import GatewayError, InternalError, MethodNotAllowed, NotFound, error_response
+from ..requestid import request_id
 from .config import AudioEngineConfig
 from .engine import engine_lifespan
 from .forms import JSON_BODY_LIMIT
 from .handlers import REQUEST_ID, STREAMING, AudioApi
 
 log = logging.getLogger("synapse.audio")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -43,27 +41,26 @@ def create_audio_app(config: AudioEngineConfig) -> web.Application:
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every GatewayError becomes its envelope; anything else a 500 naming the request id (traceback: log)."""
-    given = request.headers.get("X-Request-Id")
-    request_id = request[REQUEST_ID] = given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+    rid = request[REQUEST_ID] = request_id(request)
     try:
         return await handler(request)
     except (asyncio.CancelledError, ConnectionResetError):
-        log.info("client went away", extra={"fields": {"request_id": request_id, "path": request.path}})
+        log.info("client went away", extra={"fields": {"request_id": rid, "path": request.path}})
         raise
     except Exception as exc:
         if request.get(STREAMING):  # the status is sent: cut the connection so the client sees a failure
-            log.exception("speech failed after streaming began", extra={"fields": {"request_id": request_id}})
+            log.exception("speech failed after streaming began", extra={"fields": {"request_id": rid}})
             raise
         if isinstance(exc, GatewayError):
             return error_response(exc)
-        log.exception("unexpected error", extra={"fields": {"request_id": request_id, "path": request.path}})
-        return error_response(InternalError(request_id))
+        log.exception("unexpected error", extra={"fields": {"request_id": rid, "path": request.path}})
+        return error_response(InternalError(rid))
 
 
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
-    request_id = request.get(REQUEST_ID)
-    if request_id and "x-request-id" not in response.headers:
-        response.headers["x-request-id"] = request_id
+    rid = request.get(REQUEST_ID)
+    if rid and "x-request-id" not in response.headers:
+        response.headers["x-request-id"] = rid
 
 
 async def _not_found(request: web.Request) -> web.Response:

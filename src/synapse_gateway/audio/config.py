@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from ..config.loader import line_of
 from ..config.problems import ConfigError, Problem
 from ..localstack.packaged import piper_joe_voice, whisper_tiny_en_dir
 
@@ -148,15 +149,4 @@ def _problem(error: Any, tree: Any, filename: str) -> Problem:
     message, _, fix = str(error["msg"]).removeprefix("Value error, ").partition("|")
     if error["type"] == "extra_forbidden":
         message, fix = f"unknown key `{path[-1]}`", "remove it; AudioEngineConfig lists the keys"
-    return Problem("error", message, fix, path, filename, _line_of(tree, path))
-
-
-def _line_of(tree: Any, path: tuple[Any, ...]) -> int | None:
-    """The 1-based line of the deepest key of `path` found in the round-trip YAML tree."""
-    node, line = tree, None
-    for key in path:
-        if not isinstance(node, dict) or key not in node or not hasattr(node, "lc"):
-            break
-        line = node.lc.key(key)[0] + 1
-        node = node[key]
-    return line
+    return Problem("error", message, fix, path, filename, line_of(tree, path))

@@ -38,9 +38,6 @@ async def serve_audio(config: AudioEngineConfig, host: str, port: int, *, drain_
 
 def run_audio_engine(config: AudioEngineConfig, host: str, port: int) -> None:
     """Run `serve_audio` (on uvloop where installed) until a signal stops it; returns normally."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        asyncio.run(serve_audio(config, host, port))
-        return
-    uvloop.run(serve_audio(config, host, port))
+    from ..server import run_async
+
+    run_async(serve_audio(config, host, port))

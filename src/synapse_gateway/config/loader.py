@@ -202,13 +202,13 @@ def _route_backends(route: dict[str, Any], index: int) -> list[tuple[KeyPath, An
 
 
 def _locate(problem: Problem, tree: Any, filename: str, dialect: Dialect) -> Problem:
-    line = _line_of(tree, problem.path) if problem.path else None
+    line = line_of(tree, problem.path) if problem.path else None
     if dialect == "litellm" and problem.path and problem.path[0] not in tree:
         line = None
     return Problem(problem.severity, problem.message, problem.fix, problem.path, filename, line)
 
 
-def _line_of(tree: Any, path: KeyPath) -> int | None:
+def line_of(tree: Any, path: KeyPath) -> int | None:
     """The 1-based line of the deepest element of `path` found in the round-trip YAML tree."""
     node: Any = tree
     line = None
