@@ -30,10 +30,14 @@ def _scheduler(gpu: SimGpu, drivers: list[SimDriver], **gpu_settings: object) ->
 
 async def _request(scheduler: Scheduler, driver: SimDriver, hold: float) -> str:
     unit = scheduler.units[driver.name]
+    asked = time.monotonic()
     try:
         await scheduler.acquire(unit)
     except BackendUnavailable:
         return "refused"
+    finally:
+        waited = time.monotonic() - asked
+        assert waited <= scheduler.settings.max_wait + 0.5, f"waited {waited:.2f}s, past the wait limit"
     try:
         await driver.serve(hold)
     finally:
