@@ -10,7 +10,7 @@ import aiohttp
 from ..backends import Backend
 from ..config.schema import GpuConfig, LifecycleConfig
 from ..engines.process import EngineFailed, ManagedEngine
-from .coordination import Coordinator, LocalCoordinator, RedisCoordinator
+from .coordination import Coordinator, LocalCoordinator
 from .drivers.always_on import AlwaysOnDriver
 from .drivers.base import LifecycleDriver, WakeFailed
 from .drivers.ollama import OllamaModelDriver
@@ -53,6 +53,8 @@ async def build_gpu(settings: GpuConfig, backends: dict[str, Backend], session: 
                     metrics: SchedulerMetrics, *, replica: str) -> Gpu:
     coordinator: Coordinator
     if settings.redis_url:
+        from .redis_coordination import RedisCoordinator  # `redis` is only needed with several replicas
+
         coordinator = RedisCoordinator(settings.redis_url, replica=replica, lease_ttl=settings.lease_ttl,
                                        prefix=settings.redis_prefix)
         await coordinator.connect()

@@ -21,9 +21,9 @@ from synapse_gateway.scheduler.coordination import (
     LeaseLost,
     LeaseTimeout,
     LocalCoordinator,
-    RedisCoordinator,
     StaleToken,
 )
+from synapse_gateway.scheduler.redis_coordination import RedisCoordinator
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
@@ -32,7 +32,8 @@ ENV_REQUIRE = "SYNAPSE_REQUIRE_SERVICES"
 # Another replica in its own process, so it can really die (SIGKILL) or stall (SIGSTOP) holding the lease.
 CHILD = """
 import asyncio, sys
-from synapse_gateway.scheduler.coordination import LeaseLost, RedisCoordinator, StaleToken
+from synapse_gateway.scheduler.coordination import LeaseLost, StaleToken
+from synapse_gateway.scheduler.redis_coordination import RedisCoordinator
 
 async def main(url: str, prefix: str, ttl: float) -> None:
     child = RedisCoordinator(url, replica="child", prefix=prefix, lease_ttl=ttl, in_flight_ttl=ttl)
