@@ -34,9 +34,8 @@ Both: max_wait 300 s, starvation_cap 30 s, wake_timeout 1800 s, max_queue 256.
 
 Time scaling: every delay (arrivals, holds, wake/sleep latencies) and every scheduler duration
 (max_wait, starvation_cap, idle_timeout, min_residency, wake_timeout) is divided by --scale, and the
-scheduler's internal poll (_POLL, 0.25 s) too; results are multiplied back into simulated seconds.
-The idle sweeper's 1 s period is not patched, so idle timeouts fire within scale x 1 s (simulated)
-of expiring. Both policies run concurrently in one event loop, so --duration/--scale is the wall time.
+scheduler's own poll and idle-sweep intervals too; results are multiplied back into simulated seconds.
+Both policies run concurrently in one event loop, so --duration/--scale is the wall time.
 
 Invariants checked from the drivers' own memory accounting: device memory never exceeds the budget
 (a wake takes its memory when it starts, a sleep frees it when it ends), and no request ever reaches
@@ -56,7 +55,6 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-import synapse_gateway.scheduler.scheduler as scheduler_module
 from synapse_gateway.config.schema import GpuConfig, LifecycleConfig
 from synapse_gateway.errors import BackendUnavailable
 from synapse_gateway.scheduler.coordination import LocalCoordinator
@@ -218,6 +216,8 @@ async def replay(policy: str, trace: list[Request], scale: float, seed: int) -> 
     settings = GpuConfig(memory=DEVICE_MEMORY, reserve=RESERVE, max_wait=MAX_WAIT / scale,
                          starvation_cap=STARVATION_CAP / scale)
     scheduler = Scheduler(settings, units.values(), LocalCoordinator(), SchedulerMetrics(CollectorRegistry()))
+    scheduler.poll_interval /= scale  # the scheduler's own clocks, scaled like everything else
+    scheduler.sweep_interval /= scale
     await scheduler.start()
     result = Result(policy, len(trace), {p.kind: [] for p in PROFILES}, device=device)
     loop = asyncio.get_running_loop()
@@ -281,7 +281,6 @@ def report(results: list[Result], trace: list[Request], args: argparse.Namespace
 
 
 async def main(args: argparse.Namespace) -> int:
-    scheduler_module._POLL = 0.25 / args.scale  # the scheduler's internal poll, scaled like everything else
     trace = make_trace(args.seed, args.duration)
     started = time.monotonic()
     results = await asyncio.gather(replay("synapse", trace, args.scale, args.seed),

@@ -24,7 +24,6 @@ from .nvml import DeviceMemory
 from .units import Residency, Unit
 
 log = logging.getLogger("synapse.scheduler")
-_POLL = 0.25
 
 
 class QueueFull(BackendUnavailable):
@@ -33,6 +32,11 @@ class QueueFull(BackendUnavailable):
 
 class Scheduler:
     """Acquire a unit before dispatching to it and release it after; the scheduler does the rest."""
+
+    # How often a blocked wake re-checks for room, and how often idle units are swept; a simulation
+    # that runs time faster scales them down.
+    poll_interval = 0.25
+    sweep_interval = 1.0
 
     def __init__(self, settings: GpuConfig, units: Iterable[Unit], coordinator: Coordinator,
                  metrics: SchedulerMetrics) -> None:
@@ -285,7 +289,7 @@ class Scheduler:
             if time.monotonic() > deadline:
                 raise WakeFailed(f"device {unit.device} has {free / 2**30:.1f} GiB really free; {unit.key} "
                                  f"needs {needed / 2**30:.1f} GiB more (something outside Synapse uses the GPU?)")
-            await asyncio.sleep(_POLL)
+            await asyncio.sleep(self.poll_interval)
 
     async def _evict(self, victim: Unit, lease: Lease, *, reason: str) -> bool:
         """Put `victim` to sleep; False when another replica turned out to be using it (it stays)."""
@@ -332,7 +336,7 @@ class Scheduler:
             changed = self._changed[device]
             changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), _POLL)
+                await asyncio.wait_for(changed.wait(), self.poll_interval)
 
     def _overflow(self, device: str, unit: Unit | None) -> int:
         extra = 0 if unit is None else unit.memory - unit.held()
@@ -372,7 +376,7 @@ class Scheduler:
     async def _sweep_idle(self) -> None:
         """Put units to sleep once they have been idle for their idle_timeout."""
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.sweep_interval)
             for device in self.devices:
                 used = self.device_memory.used(device)
                 if used is not None:

@@ -15,7 +15,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from synapse_gateway.config.schema import DeviceConfig, GpuConfig
-from synapse_gateway.scheduler import scheduler as scheduler_module
 from synapse_gateway.scheduler.coordination import LocalCoordinator
 from synapse_gateway.scheduler.metrics import SchedulerMetrics
 from synapse_gateway.scheduler.nvml import DeviceMemory
@@ -80,11 +79,11 @@ def test_absent_nvml_reads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_a_wake_that_does_not_fit_real_memory_is_refused(nvml: FakeNvml,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     nvml.used_bytes = 12 * GiB  # something outside Synapse holds 12 GiB
-    monkeypatch.setattr(scheduler_module, "_POLL", 0.01)
     gpu = SimGpu(capacity=16 * GiB)
     driver = SimDriver("big", gpu, memory=8 * GiB)
     scheduler = Scheduler(GpuConfig.model_validate({"memory": 16 * GiB, "max_wait": 30}), [sim_unit(driver)],
                           LocalCoordinator(), SchedulerMetrics(CollectorRegistry()))
+    scheduler.poll_interval = 0.01
     await scheduler.start()
     unit = scheduler.units["big"]
     monkeypatch.setattr(scheduler, "_await_real_memory",
