@@ -47,12 +47,13 @@ class JsonBody:
 
     def __init__(self, payload: dict[str, Any], raw: bytes) -> None:
         self.payload = payload
-        self.raw = raw
+        self.bodies = {payload["model"]: raw}
 
     def __call__(self, upstream_model: str) -> tuple[Body, dict[str, str]]:
-        if upstream_model == self.payload["model"]:
-            return self.raw, _JSON_HEADERS
-        return orjson.dumps({**self.payload, "model": upstream_model}), _JSON_HEADERS
+        body = self.bodies.get(upstream_model)
+        if body is None:
+            body = self.bodies[upstream_model] = orjson.dumps({**self.payload, "model": upstream_model})
+        return body, _JSON_HEADERS
 
 
 class Proxy:
