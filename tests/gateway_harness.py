@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import orjson
 from synapse_gateway.app import create_app
 from synapse_gateway.config import parse_config
 from synapse_gateway.gateway import GATEWAY_KEY, Gateway
+from synapse_gateway.localstack.stack import free_port
 from tests.fakes.server import BackgroundServer
 
 
@@ -78,12 +78,6 @@ class ThreadGateway:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ProcessGateway:

@@ -12,8 +12,8 @@ import pytest
 
 from synapse_gateway.localstack.gguf_bert import cached_gguf
 from synapse_gateway.localstack.packaged import minilm_dir
-from tests.engines.fixtures import NOT_INSTALLED, require_engine
-from tests.engines.llama_server import LlamaServer, LlamaServerError, find_llama_server_binary
+from tests.engines.fixtures import llama_server_or_skip, require_engine
+from tests.engines.llama_server import LlamaServer
 
 pytestmark = pytest.mark.engine
 
@@ -38,14 +38,7 @@ def minilm_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def embedding_engine(minilm_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     """llama-server serving the converted model for embeddings (pooling comes from the GGUF)."""
-    try:
-        binary = find_llama_server_binary()
-    except LlamaServerError as exc:
-        require_engine(f"llama.cpp's llama-server is not usable: {exc}")
-        raise
-    if binary is None:
-        require_engine(NOT_INSTALLED)
-        raise AssertionError("unreachable")
+    binary = llama_server_or_skip()
     log_path = tmp_path_factory.mktemp("logs") / "llama-server-embedding.log"
     with LlamaServer(minilm_gguf, alias=ALIAS, binary=binary, log_path=log_path, extra_args=("--embedding",)) as srv:
         yield srv

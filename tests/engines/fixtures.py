@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.engines.llama_server import LlamaServer, LlamaServerError, find_llama_server_binary
+from tests.engines.llama_server import LlamaServer, LlamaServerBinary, LlamaServerError, find_llama_server_binary
 from tests.engines.tiny_gguf import write_tiny_llama
 
-__all__ = ["NOT_INSTALLED", "TINY_MODEL_ALIAS", "llama_engine", "require_engine", "tiny_model_path"]
+__all__ = ["NOT_INSTALLED", "TINY_MODEL_ALIAS", "llama_engine", "llama_server_or_skip", "require_engine", "tiny_model_path"]
 
 TINY_MODEL_ALIAS = "tiny-llama"
 ENV_REQUIRE = "SYNAPSE_REQUIRE_ENGINES"
@@ -39,6 +39,19 @@ def require_engine(reason: str) -> None:
     pytest.skip(reason)
 
 
+def llama_server_or_skip() -> LlamaServerBinary:
+    """The installed llama-server, or a skip (a failure under SYNAPSE_REQUIRE_ENGINES=1) saying why not."""
+    try:
+        binary = find_llama_server_binary()
+    except LlamaServerError as exc:
+        require_engine(f"llama.cpp's llama-server is not usable: {exc}")
+        raise  # unreachable: require_engine raises
+    if binary is None:
+        require_engine(NOT_INSTALLED)
+        raise AssertionError("unreachable")
+    return binary
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A freshly generated tiny random llama GGUF (seed 0), shared by the session."""
@@ -48,14 +61,7 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def llama_engine(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     """A running llama-server serving the tiny model as ``tiny-llama`` (4 parallel slots)."""
-    try:
-        binary = find_llama_server_binary()
-    except LlamaServerError as exc:
-        require_engine(f"llama.cpp's llama-server is not usable: {exc}")
-        raise  # unreachable: require_engine raises
-    if binary is None:
-        require_engine(NOT_INSTALLED)
-        raise AssertionError("unreachable")
+    binary = llama_server_or_skip()
     log_path = tmp_path_factory.mktemp("logs") / "llama-server.log"
     server = LlamaServer(tiny_model_path, alias=TINY_MODEL_ALIAS, binary=binary, log_path=log_path)
     with server:

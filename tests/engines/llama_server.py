@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from synapse_gateway.localstack.stack import free_port
 
 ENV_BINARY = "SYNAPSE_LLAMA_SERVER"
 _BIN_NAME = "llama-server"
@@ -183,12 +184,6 @@ def find_llama_server() -> Path | None:
     return found.path if found else None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def _die_with_parent(parent_pid: int) -> None:
     """preexec_fn: SIGKILL the child when the thread that spawned it dies (Linux only)."""
     if not sys.platform.startswith("linux"):
@@ -287,7 +282,7 @@ class LlamaServer:
         began = time.monotonic()
         last_error = ""
         for _attempt in range(3):  # retry only when the chosen port was taken meanwhile
-            port = free_port(self.host)
+            port = free_port()
             self._spawn(port)
             try:
                 self._wait_healthy()

@@ -6,14 +6,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
 
 from ._openai import BadRequest, Reply, split_text
-from .server import BackgroundServer
+from .server import ServedFake
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -38,7 +37,7 @@ def json_response(body: Any, status: int = 200, content_type: str = "application
     return web.Response(body=orjson.dumps(body), status=status, content_type=content_type)
 
 
-class FakeBackend:
+class FakeBackend(ServedFake):
     """Base of the fakes: failure knobs settable from any thread, records, start/stop/release."""
 
     def __init__(self, *, reply: str, stream_chunks: int, chunk_delay: float, shutdown_timeout: float = 0.5) -> None:
@@ -60,24 +59,11 @@ class FakeBackend:
         self.app = web.Application(middlewares=[self._record])
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
-        self._server: BackgroundServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: set[asyncio.Future[None]] = set()
         self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> Self:
-        """Serve on a free localhost port in a background thread; sets and keeps ``url``."""
-        self._server = BackgroundServer(self.app, shutdown_timeout=self.shutdown_timeout)
-        self.url = self._server.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving; hung and streaming requests are cut, never waited for."""
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
     def release(self) -> None:
         """Clear ``hang`` and let every hung request proceed."""
         self.hang = False
@@ -97,13 +83,6 @@ class FakeBackend:
         """The recorded request paths, in order."""
         return [r.path for r in self.requests]
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     async def _on_startup(self, app: web.Application) -> None:
         self._loop = asyncio.get_running_loop()

@@ -14,14 +14,13 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
 
 from ._base import Handler, json_response
-from .server import BackgroundServer
+from .server import ServedFake
 
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"
@@ -171,7 +170,7 @@ class Deployment:
                 "status": {"replicas": self.counts(now)["replicas"], "selector": self.selector}}
 
 
-class FakeKubernetes:
+class FakeKubernetes(ServedFake):
     """An API server holding Deployments; every request needs ``Authorization: Bearer <token>``."""
 
     def __init__(
@@ -188,7 +187,6 @@ class FakeKubernetes:
         self.deployments: dict[tuple[str, str], Deployment] = {}
         self.url = ""
         self._rv = itertools.count(1000)
-        self._server: BackgroundServer | None = None
         self.app = web.Application(middlewares=[self._record, self._errors, self._auth])
         r = self.app.router
         r.add_get("/version", self._version)
@@ -210,25 +208,6 @@ class FakeKubernetes:
     def patches(self) -> list[KubeRequest]:
         """The recorded PATCH requests, in order."""
         return [r for r in self.requests if r.method == "PATCH"]
-
-    def start(self) -> Self:
-        """Serve on a free localhost port in a background thread; sets ``url``."""
-        self._server = BackgroundServer(self.app)
-        self.url = self._server.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # -- the "controllers" -----------------------------------------------------------------
     def _new_pod(self, dep: Deployment, ready_at: float) -> Pod:

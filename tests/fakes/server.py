@@ -6,7 +6,7 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TypeVar
+from typing import Self, TypeVar
 
 from aiohttp import web
 
@@ -93,3 +93,31 @@ async def _cancel_leftover_tasks() -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ServedFake:
+    """The serve-on-a-free-port lifecycle every fake shares; subclasses set `app` (and may set the timeout)."""
+
+    app: web.Application
+    shutdown_timeout: float = 0.5
+    url: str = ""
+    _server: BackgroundServer | None = None
+
+    def start(self) -> Self:
+        """Serve on a free localhost port in a background thread; sets ``url``."""
+        self._server = BackgroundServer(self.app, shutdown_timeout=self.shutdown_timeout)
+        self.url = self._server.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; requests still in flight are cut after ``shutdown_timeout``."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
