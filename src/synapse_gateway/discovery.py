@@ -12,6 +12,7 @@ import orjson
 
 from .backends import Backend
 from .config.schema import DiscoveryConfig
+from .engines.process import EngineState
 from .routing import Router
 
 log = logging.getLogger("synapse.discovery")
@@ -79,10 +80,15 @@ class Catalog:
 
     async def _engines_settled(self) -> None:
         """Let managed engines that are still starting report their models before a name counts as unknown."""
-        starting = [b.engine for b in self.router.backends.values() if b.engine is not None and b.discover]
-        if starting:
-            limit = max(engine.config.startup_timeout for engine in starting)
-            await asyncio.wait([asyncio.ensure_future(e.settled()) for e in starting], timeout=limit)
+        starting = [b.engine for b in self.router.backends.values()
+                    if b.engine is not None and b.discover and b.engine.state is EngineState.STARTING]
+        if not starting:  # an engine the scheduler starts on demand, or a stopped one, is not waited for
+            return
+        limit = max(engine.config.startup_timeout for engine in starting)
+        waits = [asyncio.ensure_future(engine.settled()) for engine in starting]
+        _, pending = await asyncio.wait(waits, timeout=limit)
+        for wait in pending:
+            wait.cancel()
 
     async def probe(self, backend: Backend) -> None:
         """Ask one backend what it serves (or just whether it answers), and record the result."""

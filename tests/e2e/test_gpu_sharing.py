@@ -191,3 +191,15 @@ def test_kubernetes_deployment_scaled_from_zero_on_demand(start_gateway: Gateway
             assert http.post("/admin/gpu/vllm-inference/sleep").json()["state"] == "asleep"
         assert [p.body["spec"]["replicas"] for p in kube.patches()] == [1, 0]
         assert kube.deployments["llm-infra", "vllm-inference"].pods == []
+
+
+def test_an_unknown_model_is_404_at_once_while_on_demand_engines_sleep(start_gateway: GatewayFactory) -> None:
+    port = free_port()
+    gw = start_gateway({"gpu": {"memory": "16GiB"}, "backends": {"lazy": {
+        "url": f"http://127.0.0.1:{port}", "managed": {"command": [sys.executable, "-c", "pass"],
+                                                       "startup_timeout": 60},
+        "lifecycle": {"driver": "process", "memory": "4GiB"}}}})
+    with httpx.Client(base_url=gw.url, timeout=5) as http:  # would time out if the miss waited for "lazy"
+        answer = http.post("/v1/chat/completions", json={"model": "nope", "messages": MESSAGES})
+    assert answer.status_code == 404
+    assert _gpu(gw)["lazy"] == "asleep"
