@@ -84,17 +84,17 @@ class Api:
             return await gateway.proxy.forward(request, record, resolution, body_for=body_for,
                                                api_path=API_PATHS[request.path])
         except GatewayError as exc:
-            return self._fail(record, exc, request)
+            return self._fail(record, exc)
         except (asyncio.CancelledError, ConnectionResetError):
             record.status, record.error = 499, "client disconnected"
             raise
         except Exception:
             log.exception("unexpected error", extra={"fields": {"request_id": record.request_id}})
-            return self._fail(record, InternalError(record.request_id), request)
+            return self._fail(record, InternalError(record.request_id))
         finally:
             self._finish(gateway, record)
 
-    def _fail(self, record: RequestRecord, exc: GatewayError, request: web.Request) -> web.Response:
+    def _fail(self, record: RequestRecord, exc: GatewayError) -> web.Response:
         record.status, record.error = exc.status, exc.message
         headers = {"x-request-id": record.request_id}
         if record.backend:

@@ -74,7 +74,6 @@ class Gateway:
     def report_backends(self) -> None:
         """Say at start-up which backends answer, what they serve, and how to add more."""
         for backend in self.backends.values():
-            self.metrics.backend_up.labels(backend.name).set(1 if backend.reachable else 0)
             if backend.engine is not None and not backend.reachable:
                 log.info("backend %s (%s): starting its managed engine", backend.name, backend.url)
             elif backend.reachable:
