@@ -12,6 +12,8 @@ class GatewayError(Exception):
     status = 500
     error_type = "api_error"
     code = "internal_error"
+    # Whether another deployment may still be tried: failures of one backend are, client mistakes are not.
+    retryable = False
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  retry_after: int | None = None) -> None:
@@ -47,12 +49,27 @@ class MethodNotAllowed(GatewayError):
     status, error_type, code = 405, "invalid_request_error", "method_not_allowed"
 
 
+class Unauthorized(GatewayError):
+    status, error_type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status, error_type, code = 403, "invalid_request_error", "forbidden"
+
+
+class Conflict(GatewayError):
+    """The action cannot be done now (a unit with requests in flight cannot be put to sleep)."""
+
+    status, error_type, code = 409, "invalid_request_error", "backend_busy"
+
+
 class PayloadTooLarge(GatewayError):
     status, error_type, code = 413, "invalid_request_error", "request_too_large"
 
 
 class BackendUnavailable(GatewayError):
     status, error_type, code = 503, "api_error", "backend_unavailable"
+    retryable = True
 
     def __init__(self, message: str, *, retry_after: int = 5) -> None:
         super().__init__(message, retry_after=retry_after)
@@ -60,10 +77,12 @@ class BackendUnavailable(GatewayError):
 
 class BackendTimeout(GatewayError):
     status, error_type, code = 504, "api_error", "backend_timeout"
+    retryable = True
 
 
 class BadGateway(GatewayError):
     status, error_type, code = 502, "api_error", "bad_gateway"
+    retryable = True
 
 
 class InternalError(GatewayError):
