@@ -1,17 +1,29 @@
-"""Resolves a requested model name to deployments: exact, alias, pattern, discovered, then fallback."""
+"""The routing table: a model name to deployments by exact name, alias, pattern, discovery, then fallback."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from fnmatch import translate
 from typing import Literal
 
 from .backends import Backend
 from .balancer import Deployment, Target
 from .config.schema import SynapseConfig
+from .errors import InvalidRequest
 
 Source = Literal["exact", "alias", "pattern", "discovered", "fallback"]
+# Longer names are refused before they are looked up, cached or logged: no served model has one,
+# and a client-chosen string must not grow the negative cache, the logs or the metrics.
+MAX_MODEL_NAME = 256
+
+
+def check_model_name(model: str) -> None:
+    """Raise InvalidRequest (400, param "model") for a name no route can serve because of its length."""
+    if len(model) > MAX_MODEL_NAME:
+        raise InvalidRequest(f"the model name is {len(model)} characters long; "
+                             f"model names have at most {MAX_MODEL_NAME}", param="model", code="invalid_model")
 
 
 @dataclass(eq=False, slots=True)
@@ -26,17 +38,29 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Resolution:
-    """Where a request for `model` goes, and why."""
+    """Where a request for a model goes, and why.
+
+    - `model`: the public model name (for an alias, the route's name; otherwise the requested name).
+    - `source`: which rule matched.
+    - `targets`: the deployments to try, each with the model name its backend expects.
+    - `route`: a label with a bounded set of values, for metrics and logs: the route's model name
+      (exact, alias), the pattern text (pattern), the listed name (discovered), or `fallback:<backend>`.
+      Never a client's raw name on a pattern or fallback route.
+    - `fallbacks`: resolutions to try, in order, once every target failed (the route's `fallbacks`,
+      then theirs, breadth first). Each is already resolved, has no fallbacks of its own, and none
+      repeats the requested model or another fallback, so walking them cannot loop.
+    """
 
     model: str
     source: Source
     targets: list[Target]
-    fallbacks: tuple[str, ...] = ()
+    route: str
+    fallbacks: tuple[Resolution, ...] = ()
 
 
 @dataclass(slots=True)
 class Router:
-    """The routing table; discovered models are swapped in by the catalog."""
+    """The routing table and its pure lookups; discovered models are swapped in by the catalog."""
 
     backends: dict[str, Backend]
     exact: dict[str, Route] = field(default_factory=dict)
@@ -72,29 +96,75 @@ class Router:
             router._fallback_deployment = Deployment(router.fallback)
         return router
 
-    def resolve(self, model: str, *, use_fallback: bool = True) -> Resolution | None:
-        """The route for `model`, or None when only a refresh of discovered models could still find it."""
+    def lookup(self, model: str, *, use_fallback: bool = True) -> Resolution | None:
+        """The resolution of `model` in the table as it is now, its fallbacks included.
+
+        None when no rule matches (with `use_fallback`, only when there is no fallback backend either):
+        a refresh of the discovered models might still find it. Never waits and never refreshes; the
+        catalog's `resolve` adds that.
+        """
+        hit = self._match(model, use_fallback=use_fallback)
+        if hit is None:
+            return None
+        resolution, names = hit
+        return replace(resolution, fallbacks=self._fallbacks(resolution, names)) if names else resolution
+
+    def resolve(self, model: str | Resolution, *, use_fallback: bool = True) -> Resolution | None:
+        """Deprecated: use `Catalog.resolve`. Kept while callers still resolve fallbacks themselves.
+
+        A `Resolution` (an entry of another resolution's `fallbacks`) is returned as it is; an over-long
+        name raises InvalidRequest.
+        """
+        if isinstance(model, Resolution):
+            return model
+        check_model_name(model)
+        return self.lookup(model, use_fallback=use_fallback)
+
+    def _match(self, model: str, *, use_fallback: bool) -> tuple[Resolution, tuple[str, ...]] | None:
+        """The first rule that matches `model`, and the names of the route's fallback models."""
         route = self.exact.get(model)
         if route is not None:
-            return Resolution(model, "exact", [Target(d, d.upstream_for(model)) for d in route.deployments],
-                              route.fallbacks)
+            targets = [Target(d, d.upstream_for(model)) for d in route.deployments]
+            return Resolution(model, "exact", targets, route.name), route.fallbacks
         route = self.aliases.get(model)
-        if route is not None:
+        if route is not None:  # sent upstream as the route's model (or its `upstream`), never as the alias
             targets = [Target(d, d.upstream_for(route.name)) for d in route.deployments]
-            return Resolution(route.name, "alias", targets, route.fallbacks)
+            return Resolution(route.name, "alias", targets, route.name), route.fallbacks
         for route in self.patterns:
             assert route.pattern is not None
             match = route.pattern.fullmatch(model)
             if match:
                 captured = match.group(1) if match.groups() else None
                 targets = [Target(d, d.upstream_for(model, captured)) for d in route.deployments]
-                return Resolution(model, "pattern", targets, route.fallbacks)
+                return Resolution(model, "pattern", targets, route.name), route.fallbacks
         deployments = self.discovered.get(model)
         if deployments:
-            return Resolution(model, "discovered", [Target(d, model) for d in deployments])
+            return Resolution(model, "discovered", [Target(d, model) for d in deployments], model), ()
         if use_fallback and self._fallback_deployment is not None:
-            return Resolution(model, "fallback", [Target(self._fallback_deployment, model)])
+            label = f"fallback:{self._fallback_deployment.backend.name}"
+            return Resolution(model, "fallback", [Target(self._fallback_deployment, model)], label), ()
         return None
+
+    def _fallbacks(self, primary: Resolution, names: tuple[str, ...]) -> tuple[Resolution, ...]:
+        """The fallback models of `primary`, then theirs, breadth first, each model once."""
+        seen = {primary.model}
+        queue = deque(names)
+        found: list[Resolution] = []
+        while queue:
+            name = queue.popleft()
+            if name in seen:
+                continue
+            seen.add(name)
+            hit = self._match(name, use_fallback=True)
+            if hit is None:
+                continue  # unknown, and there is no fallback backend
+            resolution, more = hit
+            if resolution.model != name and resolution.model in seen:
+                continue  # an alias of a model already in the chain
+            seen.add(resolution.model)
+            found.append(resolution)
+            queue.extend(more)
+        return tuple(found)
 
     def set_discovered(self, backend: Backend, models: frozenset[str]) -> None:
         """Replace what `backend` was found to serve, keeping the failure state of unchanged deployments."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from aiohttp import web
 
 from tests.conftest import GatewayFactory, dead_url
+from tests.fakes._base import json_response
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.vllm import FakeVLLM
 
@@ -48,6 +50,17 @@ def test_alias_reaches_the_route_under_its_upstream_name(start_gateway: GatewayF
     gw = start_gateway(_config(vllm, ollama))
     with gw.client() as client:
         completion = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert completion.model == "llama-3.2-8b"
+    assert vllm.requests[-1].body["model"] == "llama-3.2-8b"
+
+
+def test_alias_without_upstream_is_sent_as_the_routes_model(start_gateway: GatewayFactory, vllm: FakeVLLM,
+                                                          ollama: FakeOllama) -> None:
+    config = _config(vllm, ollama)
+    config["routes"] = [{"model": "llama-3.2-8b", "aliases": ["house-model"], "backend": "vllm-inference"}]
+    gw = start_gateway(config)
+    with gw.client() as client:
+        completion = client.chat.completions.create(model="house-model", messages=MESSAGES)
     assert completion.model == "llama-3.2-8b"
     assert vllm.requests[-1].body["model"] == "llama-3.2-8b"
 
@@ -190,3 +203,44 @@ def test_every_response_names_its_request_id_and_backend(start_gateway: GatewayF
     assert listing.headers["x-synapse-backend"] == "none"
     assert len(ready.headers["x-request-id"]) == 32
     assert routed.headers["x-synapse-backend"] == "v"
+
+
+class OddListing(FakeVLLM):
+    """A vLLM whose /v1/models answers JSON that is not a model list."""
+
+    listing: object = []
+
+    async def _list_models(self, request: web.Request) -> web.Response:
+        return json_response(self.listing)
+
+
+@pytest.mark.parametrize("listing", [[], None, 3, {"data": "none"}])
+def test_a_listing_of_the_wrong_shape_marks_the_backend_down_and_nothing_else(
+        start_gateway: GatewayFactory, listing: object) -> None:
+    with OddListing(["llama-3.2-8b"]) as odd:
+        odd.listing = listing
+        gw = start_gateway({"backends": {"odd": {"url": odd.url}},
+                            "routes": [{"model": "chat", "backend": "odd", "upstream": "llama-3.2-8b"}],
+                            "discovery": {"min_refresh_gap": 0}})
+        with gw.http() as http:
+            ready = http.get("/health/ready")
+            routed = http.post("/v1/chat/completions", json={"model": "chat", "messages": MESSAGES})
+            missing = http.post("/v1/chat/completions", json={"model": "other", "messages": MESSAGES})
+    assert ready.status_code == 200
+    backend = ready.json()["backends"]["odd"]
+    assert backend["reachable"] is False
+    assert "expected a JSON object with a `data` list" in backend["error"]
+    assert routed.status_code == 200
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "model_not_found")
+
+
+def test_an_overlong_model_name_is_refused(start_gateway: GatewayFactory, vllm: FakeVLLM,
+                                           ollama: FakeOllama) -> None:
+    gw = start_gateway(_config(vllm, ollama))
+    with gw.http() as http:
+        before = vllm.paths().count("/v1/models")
+        answer = http.post("/v1/chat/completions", json={"model": "ollama/" + "x" * 300, "messages": MESSAGES})
+    assert answer.status_code == 400
+    assert (answer.json()["error"]["param"], answer.json()["error"]["code"]) == ("model", "invalid_model")
+    assert vllm.paths().count("/v1/models") == before
+    assert not any(len(r.body.get("model", "")) > 256 for r in ollama.requests if isinstance(r.body, dict))

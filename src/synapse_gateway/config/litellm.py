@@ -1,7 +1,8 @@
-"""Reads a LiteLLM proxy config (`model_list`, `router_settings`) as a native Synapse config."""
+"""Reads a LiteLLM proxy config (`model_list`, `router_settings`, `general_settings`) as a native Synapse config."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -15,6 +16,8 @@ PROVIDERS = {"openai": "openai", "hosted_vllm": "vllm", "ollama": "ollama", "oll
 DEFAULT_API_BASE = {"openai": "https://api.openai.com/v1", "ollama": "http://localhost:11434"}
 _USED_PARAMS = {"model", "api_base", "api_key", "timeout"}
 _ROUTER_KEYS = {"num_retries": "retries", "allowed_fails": "allowed_fails", "cooldown_time": "cooldown"}
+_MAX_RETRIES = 10
+_SECTIONS = {"model_list", "router_settings", "litellm_settings", "environment_variables", "general_settings"}
 _STRATEGIES_EQUIVALENT = {"least-busy", "simple-shuffle"}
 _STRATEGIES = _STRATEGIES_EQUIVALENT | {
     "latency-based-routing", "usage-based-routing", "usage-based-routing-v2", "cost-based-routing"}
@@ -22,7 +25,12 @@ _STRATEGIES = _STRATEGIES_EQUIVALENT | {
 
 def translate(data: dict[str, Any], problems: list[Problem]) -> dict[str, Any]:
     """A native config dict equivalent to the LiteLLM config `data`; problems use LiteLLM's paths."""
-    env = {str(k): str(v) for k, v in (data.get("environment_variables") or {}).items()}
+    variables = data.get("environment_variables") or {}
+    if not isinstance(variables, dict):
+        problems.append(Problem("error", "`environment_variables` must be a mapping",
+                                "write `NAME: value` pairs", ("environment_variables",)))
+        variables = {}
+    env = {str(k): str(v) for k, v in variables.items()}
     backends: dict[str, dict[str, Any]] = {}
     routes: dict[str, dict[str, Any]] = {}
     entries = data.get("model_list")
@@ -35,10 +43,36 @@ def translate(data: dict[str, Any], problems: list[Problem]) -> dict[str, Any]:
     native: dict[str, Any] = {"backends": backends, "routes": list(routes.values())}
     routing, timeouts = _settings(data, routes, problems)
     native["routing"], native["timeouts"] = routing, timeouts
+    auth = _general_settings(data.get("general_settings"), env, problems)
+    if auth:
+        native["auth"] = auth
     for key in data:
-        if key not in {"model_list", "router_settings", "litellm_settings", "environment_variables"}:
+        if key not in _SECTIONS:
             _unused(problems, (key,), f"`{key}` is not used by Synapse yet")
     return native
+
+
+def _general_settings(settings: Any, env: dict[str, str], problems: list[Problem]) -> dict[str, Any]:
+    """The native `auth` section: LiteLLM's `master_key` is the key clients must send."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        problems.append(Problem("error", "`general_settings` must be a mapping", "write `key: value` pairs",
+                                ("general_settings",)))
+        return {}
+    auth: dict[str, Any] = {}
+    for key, value in settings.items():
+        path: KeyPath = ("general_settings", key)
+        if key != "master_key":
+            _unused(problems, path, f"`{key}` is kept but not used by Synapse yet")
+            continue
+        key_value = _resolve(value, path, env, problems)
+        if key_value is not None and not isinstance(key_value, str):
+            problems.append(Problem("error", "`master_key` must be a string",
+                                    "quote it: `master_key: \"sk-...\"`", path))
+            continue
+        auth["master_key"] = key_value
+    return auth
 
 
 def _add_entry(entry: Any, path: KeyPath, env: dict[str, str], backends: dict[str, dict[str, Any]],
@@ -95,7 +129,9 @@ def _backend(params: dict[str, Any], protocol: str, path: KeyPath, env: dict[str
     if api_key:
         backend["api_key"] = str(api_key)
     if params.get("timeout") is not None:
-        backend["timeouts"] = {"total": params["timeout"]}
+        timeout = _number(params["timeout"], (*path, "timeout"), problems, positive=True)
+        if timeout is not None:
+            backend["timeouts"] = {"total": timeout}
     return backend
 
 
@@ -134,9 +170,11 @@ def _settings(data: dict[str, Any], routes: dict[str, dict[str, Any]],
         for key, value in settings.items():
             path: KeyPath = (section, key)
             if key in _ROUTER_KEYS:
-                routing[_ROUTER_KEYS[key]] = min(int(value), 10) if key == "num_retries" else value
+                _router_number(key, value, path, routing, problems)
             elif key in {"timeout", "request_timeout"}:
-                timeouts["total"] = value
+                total = None if value is None else _number(value, path, problems, positive=True)
+                if total is not None:
+                    timeouts["total"] = total
             elif key == "fallbacks":
                 _fallbacks(value, path, routes, problems)
             elif key == "routing_strategy":
@@ -144,6 +182,53 @@ def _settings(data: dict[str, Any], routes: dict[str, dict[str, Any]],
             else:
                 _unused(problems, path, f"`{key}` is kept but not used by Synapse yet")
     return routing, timeouts
+
+
+def _router_number(key: str, value: Any, path: KeyPath, routing: dict[str, Any],
+                   problems: list[Problem]) -> None:
+    """`num_retries` and `allowed_fails` (whole numbers) or `cooldown_time` (seconds) into `routing`."""
+    if key == "cooldown_time":
+        number = _number(value, path, problems, positive=False)
+        if number is not None:
+            routing["cooldown"] = number
+        return
+    count = _count(value, path, problems, least=0 if key == "num_retries" else 1)
+    if count is None:
+        return
+    if key == "num_retries" and count > _MAX_RETRIES:
+        problems.append(Problem("warning", f"num_retries {count} is capped at {_MAX_RETRIES}",
+                                f"write `num_retries: {_MAX_RETRIES}` or less", path))
+        count = _MAX_RETRIES
+    routing[_ROUTER_KEYS[key]] = count
+
+
+def _count(value: Any, path: KeyPath, problems: list[Problem], *, least: int) -> int | None:
+    """A whole number of at least `least` (a quoted one too); None after reporting anything else."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= least:
+        return value
+    problems.append(Problem("error", f"`{path[-1]}` must be a whole number of {least} or more, not {value!r}",
+                            f"write e.g. `{path[-1]}: {max(least, 2)}`", path))
+    return None
+
+
+def _number(value: Any, path: KeyPath, problems: list[Problem], *, positive: bool) -> float | None:
+    """A number of seconds (a quoted one too); None after reporting anything else."""
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is not None and math.isfinite(number) and (number > 0 if positive else number >= 0):
+        return int(number) if number.is_integer() else number
+    bound = "more than 0" if positive else "0 or more"
+    problems.append(Problem("error", f"`{path[-1]}` must be a number of seconds, {bound}, not {value!r}",
+                            f"write e.g. `{path[-1]}: 30`", path))
+    return None
 
 
 def _fallbacks(value: Any, path: KeyPath, routes: dict[str, dict[str, Any]], problems: list[Problem]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from typing import Literal
 
@@ -218,6 +219,32 @@ class ServerConfig(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class AuthConfig(_Strict):
+    """The key clients send as `Authorization: Bearer <key>`; SYNAPSE_MASTER_KEY, when set, replaces it.
+
+    `master_key` may be written as is, as `${VAR}`, or LiteLLM-style as `os.environ/VAR`.
+    """
+
+    master_key: str | None = Field(None, validate_default=True)
+
+    @field_validator("master_key", mode="before")
+    @classmethod
+    def _from_environment(cls, value: object) -> object:
+        override = os.environ.get("SYNAPSE_MASTER_KEY")
+        if override:
+            return override
+        if isinstance(value, str) and value.startswith("os.environ/"):
+            name = value.removeprefix("os.environ/")
+            found = os.environ.get(name)
+            if not found:
+                raise ValueError(f"environment variable {name} is not set"
+                                 f"|export {name}=... (or SYNAPSE_MASTER_KEY=...)")
+            return found
+        if value == "":
+            raise ValueError("`master_key` is empty|set a key, or remove `master_key` to run without one")
+        return value
+
+
 class SynapseConfig(_Strict):
     """The whole gateway configuration."""
 
@@ -229,3 +256,4 @@ class SynapseConfig(_Strict):
     routes: list[RouteConfig] = Field(default_factory=list)
     fallback: str | None = None
     gpu: GpuConfig | None = None
+    auth: AuthConfig = Field(default_factory=AuthConfig)
