@@ -225,7 +225,7 @@ class AuthConfig(_Strict):
     `master_key` may be written as is, as `${VAR}`, or LiteLLM-style as `os.environ/VAR`.
     """
 
-    master_key: str | None = Field(None, validate_default=True)
+    master_key: str | None = Field(None, validate_default=True, repr=False)  # kept out of logs
 
     @field_validator("master_key", mode="before")
     @classmethod
