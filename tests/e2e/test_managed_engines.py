@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from synapse_gateway.localstack.llama import llama_server_binary, llama_server_command
@@ -18,6 +20,7 @@ from tests.engines.fixtures import require_engine
 from tests.gateway_harness import ProcessGateway, free_port
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
+CHATTY = str(Path(__file__).parents[1] / "engines" / "chatty_engine.py")
 
 
 def _alive(pid: int) -> bool:
@@ -76,8 +79,6 @@ def test_engine_is_started_restarted_and_stopped(start_gateway: GatewayFactory,
 @pytest.mark.engine
 def test_no_orphan_when_the_gateway_is_killed(tmp_path: Path, llama_config: dict[str, Any]) -> None:
     config = tmp_path / "synapse.yaml"
-    import orjson
-
     config.write_bytes(orjson.dumps(llama_config))
     gateway = ProcessGateway(config, tmp_path / "log").start()
     try:
@@ -105,8 +106,12 @@ def test_startup_timeout_is_a_clear_error(start_gateway: GatewayFactory) -> None
         status = http.get("/admin/engines").json()["engines"][0]
     assert answer.status_code == 503
     message = answer.json()["error"]["message"]
-    assert "did not answer" in message and "within 1s" in message and "loading weights" in message
+    assert "did not become ready within 1s" in message
+    # what the engine printed and where it listens are for operators, not for API clients
+    assert "loading weights" not in message and str(port) not in message
     assert status["state"] == "failed"
+    assert "did not answer" in status["last_error"] and f":{port}/" in status["last_error"]
+    assert "loading weights" in status["last_error"]
 
 
 def test_a_command_that_cannot_start_is_reported(start_gateway: GatewayFactory) -> None:
@@ -116,17 +121,73 @@ def test_a_command_that_cannot_start_is_reported(start_gateway: GatewayFactory) 
     }}})
     with gw.http() as http:
         answer = http.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
+        status = http.get("/admin/engines").json()["engines"][0]
     assert answer.status_code == 503
-    assert "cannot start `/nonexistent/engine`" in answer.json()["error"]["message"]
+    assert "engine x could not be started" in answer.json()["error"]["message"]
+    assert "cannot start `/nonexistent/engine`" in status["last_error"]
 
 
-def test_a_crashing_engine_is_restarted_with_backoff(start_gateway: GatewayFactory) -> None:
-    command = [sys.executable, "-c", "import sys; print('boom', flush=True); sys.exit(3)"]
+def test_a_crashing_engine_is_restarted_with_growing_backoff(start_gateway: GatewayFactory,
+                                                             tmp_path: Path) -> None:
+    starts = tmp_path / "starts"
+    command = [sys.executable, "-c", "import sys, time; open(sys.argv[1], 'a').write(f'{time.time()}\\n'); "
+               "print('boom', flush=True); sys.exit(3)", str(starts)]
     gw = start_gateway({"backends": {"crashy": {
         "url": f"http://127.0.0.1:{free_port()}",
-        "managed": {"command": command, "backoff_initial": 0.1, "backoff_max": 0.2},
+        "managed": {"command": command, "backoff_initial": 0.2, "backoff_max": 1.6},
     }}})
     with gw.http() as http:
-        _wait(lambda: http.get("/admin/engines").json()["engines"][0]["restarts"] >= 3, 10, "restarts")
+        _wait(lambda: len(starts.read_text().split()) >= 5 if starts.exists() else False, 30, "5 starts")
         status = http.get("/admin/engines").json()["engines"][0]
     assert "exited with status 3" in status["last_error"] and "boom" in status["last_error"]
+    times = [float(t) for t in starts.read_text().split()][:5]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    # the engine's own clock: each wait is at least the backoff (0.2, 0.4, 0.8, 1.6 s), and it grows
+    assert all(gap >= delay for gap, delay in zip(gaps, [0.2, 0.4, 0.8, 1.6], strict=True)), gaps
+    assert gaps[3] > gaps[0] + 0.7, gaps
+
+
+def test_a_noisy_engine_still_becomes_ready_and_serves(start_gateway: GatewayFactory) -> None:
+    port = free_port()
+    gw = start_gateway({"backends": {"chatty": {
+        "url": f"http://127.0.0.1:{port}",
+        "managed": {"command": [sys.executable, CHATTY, "--port", str(port), "--flood"], "startup_timeout": 30},
+    }}})
+    with gw.client() as client:
+        completion = client.chat.completions.create(model="chatty", messages=MESSAGES)
+    assert completion.choices[0].message.content == "hello from chatty"
+
+
+def test_admin_engines_masks_secrets_in_the_command(start_gateway: GatewayFactory) -> None:
+    port = free_port()
+    secret = "sk-do-not-show-0123456789"
+    command = [sys.executable, CHATTY, "--port", str(port), "--model", "m", f"--api-key={secret}"]
+    gw = start_gateway({"backends": {"chatty": {
+        "url": f"http://127.0.0.1:{port}", "managed": {"command": command, "startup_timeout": 30},
+    }}})
+    with gw.http() as http:
+        _wait(lambda: http.get("/admin/engines").json()["engines"][0]["state"] == "ready", 30, "the engine")
+        shown = http.get("/admin/engines").text
+    assert secret not in shown and "--api-key=***" in shown
+
+
+def test_no_worker_is_orphaned_when_the_gateway_is_killed(tmp_path: Path) -> None:
+    port, pid_file = free_port(), tmp_path / "worker.pid"
+    command = [sys.executable, CHATTY, "--port", str(port), "--worker-pid-file", str(pid_file)]
+    config = tmp_path / "synapse.yaml"
+    config.write_bytes(orjson.dumps({"backends": {"chatty": {
+        "url": f"http://127.0.0.1:{port}", "managed": {"command": command, "startup_timeout": 30}}}}))
+    gateway = ProcessGateway(config, tmp_path / "log").start()
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=30) as http:
+            _wait(lambda: http.get("/admin/engines").json()["engines"][0]["state"] == "ready", 30, "the engine")
+            engine = http.get("/admin/engines").json()["engines"][0]["pid"]
+        worker = int(pid_file.read_text())
+        assert _alive(engine) and _alive(worker)
+        assert gateway.process is not None
+        gateway.process.kill()
+        gateway.process.wait(10)
+        _wait(lambda: not _alive(engine), 5, "the engine to die with the gateway")
+        _wait(lambda: not _alive(worker), 5, "the engine's worker to die with the gateway")
+    finally:
+        gateway.stop()

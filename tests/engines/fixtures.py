@@ -18,8 +18,8 @@ import pytest
 from tests.engines.llama_server import LlamaServer, LlamaServerBinary, LlamaServerError, find_llama_server_binary
 from tests.engines.tiny_gguf import write_tiny_llama
 
-__all__ = ["NOT_INSTALLED", "TINY_MODEL_ALIAS", "llama_engine", "llama_server_or_skip", "require_engine",
-           "tiny_model_path"]
+__all__ = ["NOT_INSTALLED", "TINY_MODEL_ALIAS", "engines_required", "llama_engine", "llama_server_or_skip",
+           "require_engine", "tiny_model_path"]
 
 TINY_MODEL_ALIAS = "tiny-llama"
 ENV_REQUIRE = "SYNAPSE_REQUIRE_ENGINES"
