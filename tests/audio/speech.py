@@ -1,12 +1,14 @@
-"""Test helpers: word error counting, WAV wrapping, and reading a chunked response off a raw socket."""
+"""Test helpers: word errors, WAV wrapping, chunked responses off a raw socket, streaming and Ogg checks."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import re
+import struct
 import time
 import wave
+from dataclasses import dataclass
 
 import orjson
 
@@ -73,3 +75,74 @@ async def post_chunked(url: str, path: str, body: dict[str, object]) -> tuple[di
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+def assert_streamed(started: float, chunks: list[tuple[float, int]]) -> None:
+    """The body came over time, not in one burst: most of the wait lies between the first and last chunk.
+
+    Buffered whole, every chunk would arrive within milliseconds of the last. Streamed, the first sentence
+    arrives while the others are still being synthesized, so it holds even if that sentence is slow.
+    """
+    assert len(chunks) >= 2, chunks
+    first, last = chunks[0][0] - started, chunks[-1][0] - started
+    assert last - first > 0.3 * last, (first, last)
+
+
+@dataclass(frozen=True, slots=True)
+class OggPage:
+    """One Ogg page, as RFC 3533 lays it out."""
+
+    flags: int
+    granule: int
+    serial: int
+    sequence: int
+    body: bytes
+
+    @property
+    def first(self) -> bool:
+        return bool(self.flags & 0x02)
+
+    @property
+    def last(self) -> bool:
+        return bool(self.flags & 0x04)
+
+
+def _ogg_crc_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
+        table.append(crc & 0xFFFFFFFF)
+    return table
+
+
+_OGG_CRC = _ogg_crc_table()
+
+
+def ogg_crc(data: bytes) -> int:
+    """Ogg's CRC-32 (polynomial 0x04C11DB7, not reflected, initial value 0)."""
+    crc = 0
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFFFFFF) ^ _OGG_CRC[(crc >> 24) ^ byte]
+    return crc
+
+
+def ogg_pages(data: bytes) -> list[OggPage]:
+    """Every page of an Ogg stream; fails unless the bytes are whole pages with correct checksums."""
+    pages: list[OggPage] = []
+    offset = 0
+    while offset < len(data):
+        assert data[offset:offset + 4] == b"OggS" and data[offset + 4] == 0, f"no page header at {offset}"
+        flags = data[offset + 5]
+        granule, serial, sequence, crc = struct.unpack_from("<qIII", data, offset + 6)
+        segments = data[offset + 26]
+        lacing = data[offset + 27:offset + 27 + segments]
+        size = 27 + segments + sum(lacing)
+        page = bytearray(data[offset:offset + size])
+        assert len(page) == size, f"the page at {offset} is cut short"
+        page[22:26] = b"\0\0\0\0"
+        assert ogg_crc(bytes(page)) == crc, f"bad checksum in page {sequence}"
+        pages.append(OggPage(flags, granule, serial, sequence, bytes(page[27 + segments:])))
+        offset += size
+    return pages

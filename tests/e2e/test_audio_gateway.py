@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import io
 import re
+import time
 import wave
 from collections.abc import Iterator
 
-import httpx
 import openai
 import pytest
 
 from synapse_gateway.audio import create_audio_app
 from tests.audio.conftest import packaged_config
+from tests.audio.speech import assert_streamed, post_chunked
 from tests.conftest import GatewayFactory
 from tests.fakes.server import BackgroundServer
 from tests.gateway_harness import ThreadGateway
@@ -110,11 +111,13 @@ def test_unknown_audio_model_is_404(gw: ThreadGateway) -> None:
         client.audio.speech.create(model="no-such-tts", voice="alloy", input="Hi")
 
 
-def test_speech_streams_in_chunks(gw: ThreadGateway) -> None:
-    text = " ".join([SENTENCE] * 6)
-    with httpx.Client(base_url=gw.url, timeout=60) as http, http.stream(
-            "POST", "/v1/audio/speech", json={"model": "tts-1", "voice": "alloy", "input": text,
-                                              "response_format": "pcm"}) as answer:
-        chunks = [c for c in answer.iter_raw() if c]
-    assert answer.status_code == 200
-    assert len(chunks) > 2
+async def test_speech_is_streamed_through_the_gateway_not_buffered(gw: ThreadGateway) -> None:
+    with gw.client() as client:
+        client.audio.speech.create(model="tts-1", voice="alloy", input="Warm up.", response_format="pcm")
+    started = time.perf_counter()
+    headers, chunks = await post_chunked(gw.url, "/v1/audio/speech", {
+        "model": "tts-1", "voice": "alloy", "input": " ".join([SENTENCE] * 8), "response_format": "pcm"})
+    assert headers[":status"] == "200" and headers["x-synapse-backend"] == "audio"
+    assert headers["transfer-encoding"] == "chunked"
+    assert_streamed(started, chunks)
+    assert 8 * 1.0 < sum(size for _, size in chunks) / 2 / 24000 < 8 * 6.0  # all of it, at 24 kHz

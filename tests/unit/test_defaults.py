@@ -8,6 +8,7 @@ import pytest
 
 from synapse_gateway.defaults import default_config, ollama_url
 from tests.conftest import dead_url
+from tests.engines.fixtures import engines_required
 from tests.fakes.ollama import FakeOllama
 
 
@@ -37,7 +38,10 @@ def test_default_is_the_local_stack_with_ollama_as_fallback(monkeypatch: pytest.
             managed = config.backends[name].managed
             assert managed is not None and managed.command
         else:
-            assert any(m.startswith(f"{name}:") for m in missing), f"{name} is missing without a reason"
+            reasons = [m for m in missing if m.startswith(f"{name}:")]
+            assert reasons, f"{name} is missing without a reason"
+            # a packaging regression that drops part of the local stack must not pass CI as a warning
+            assert not engines_required(), f"the local stack has no {name} backend: {reasons[0]}"
 
 
 def test_without_ollama_unknown_models_are_404_and_it_says_so(monkeypatch: pytest.MonkeyPatch,

