@@ -113,12 +113,14 @@ class ManagedEngine:
         return self._settled.is_set()
 
     async def wait_ready(self, timeout: float) -> None:
-        """Wait until the engine answers its health check; EngineFailed if it cannot within `timeout`."""
+        """Wait until the engine answers its health check; EngineFailed if it cannot within `timeout`.
+
+        An engine that gives up while we wait (restart policy spent) fails the wait at once, with its reason.
+        """
         if self.ready.is_set():
             return
         if self.state in (EngineState.FAILED, EngineState.STOPPED, EngineState.STOPPING):
-            raise EngineFailed(self._failure or f"engine {self.name} is {self.state}",
-                               self.last_error or f"engine {self.name} is {self.state}")
+            raise self._why()
         waits = [asyncio.ensure_future(self.ready.wait()), asyncio.ensure_future(self._failed.wait())]
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -127,9 +129,8 @@ class ManagedEngine:
                 wait.cancel()
         if self.ready.is_set():
             return
-        if self._failed.is_set():  # it gave up while we waited: say why rather than wait out `timeout`
-            raise EngineFailed(self._failure or f"engine {self.name} is {self.state}",
-                               self.last_error or f"engine {self.name} is {self.state}")
+        if self._failed.is_set():
+            raise self._why()
         raise EngineFailed(f"engine {self.name} is not ready after {timeout:g}s ({self.state})",
                            f"engine {self.name} is not ready after {timeout:g}s ({self.state}); "
                            f"last error: {self.last_error or 'none'}")
@@ -360,6 +361,10 @@ class ManagedEngine:
                 await process.wait()
         if not await end_group(process.pid, grace):
             self._log.warning("engine %s: processes of its group %d survived SIGKILL", self.name, process.pid)
+
+    def _why(self) -> EngineFailed:
+        fallback = f"engine {self.name} is {self.state}"
+        return EngineFailed(self._failure or fallback, self.last_error or fallback)
 
     def _tail(self) -> str:
         lines = list(self.output)[-_TAIL_LINES:]

