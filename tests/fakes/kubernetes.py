@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from ._base import Handler, json_response
+from .faults import Fault, faulty_answer
 from .server import ServedFake
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -183,11 +184,12 @@ class FakeKubernetes(ServedFake):
         self.terminate_delay = terminate_delay
         self.observe_delay = observe_delay
         self.fail_next_patch = False
+        self.fault: Fault | None = None  # injected into every API request (not /version) until cleared
         self.requests: list[KubeRequest] = []
         self.deployments: dict[tuple[str, str], Deployment] = {}
         self.url = ""
         self._rv = itertools.count(1000)
-        self.app = web.Application(middlewares=[self._record, self._errors, self._auth])
+        self.app = web.Application(middlewares=[self._record, self._errors, self._auth, self._faults])
         r = self.app.router
         r.add_get("/version", self._version)
         r.add_get(_DEPLOYMENT, self._get_deployment)
@@ -298,6 +300,12 @@ class FakeKubernetes(ServedFake):
         except web.HTTPMethodNotAllowed:
             return StatusError(405, "MethodNotAllowed", "the server does not allow this method on the "
                                "requested resource").response()
+
+    @web.middleware
+    async def _faults(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/version":
+            return await handler(request)
+        return await faulty_answer(request, self.fault, lambda: self.fault == "hang") or await handler(request)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:

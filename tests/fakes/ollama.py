@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -13,6 +15,7 @@ from aiohttp import web
 from . import _openai as oa
 from ._base import FakeBackend, Handler, Refused, json_response
 from ._ollama_models import ModelStore, full_name, parse_keep_alive, rfc3339
+from .faults import Fault, faulty_answer
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 SSE = {"Content-Type": "text/event-stream"}
@@ -46,6 +49,15 @@ class FakeOllama(FakeBackend):
         load_delay: float = 0.0,
     ) -> None:
         super().__init__(reply=reply, stream_chunks=stream_chunks, chunk_delay=chunk_delay)
+        # Knobs. OLLAMA_NUM_PARALLEL: requests served at once per model (None: no limit, unlike Ollama's
+        # default of 1, so tests that do not care see no queueing). OLLAMA_MAX_QUEUE: requests waiting
+        # beyond it are refused with 503.
+        self.num_parallel: int | None = None
+        self.max_queue = 512
+        self.queued = 0
+        self.max_served_at_once = 0
+        self._serving: dict[str, int] = {}
+        self.admin_fault: Fault | None = None  # injected into /api/ps and load/unload requests until cleared
         self.store = ModelStore(models, embedding=embedding_models, max_loaded=max_loaded_models, load_delay=load_delay)
         self.keep_alive = keep_alive  # OLLAMA_KEEP_ALIVE, seconds
         self.version = "0.12.6"
@@ -84,6 +96,9 @@ class FakeOllama(FakeBackend):
             r.add_post(f"/v1/{path}", self._v1_route(kind))
         self.app.middlewares.append(_gin_404)
 
+    def _hanging(self) -> bool:
+        return self.admin_fault == "hang" and not self._stopping
+
     # -- metadata --------------------------------------------------------------------------
     async def _root(self, request: web.Request) -> web.Response:
         return web.Response(text="Ollama is running")
@@ -94,8 +109,9 @@ class FakeOllama(FakeBackend):
     async def _tags(self, request: web.Request) -> web.Response:
         return json_response({"models": [self.store.tag(m) for m in self.store.sizes]})
 
-    async def _ps(self, request: web.Request) -> web.Response:
-        return json_response({"models": self.store.ps()})
+    async def _ps(self, request: web.Request) -> web.StreamResponse:
+        fault = await faulty_answer(request, self.admin_fault, self._hanging)
+        return fault or json_response({"models": self.store.ps()})
 
     async def _show(self, request: web.Request) -> web.Response:
         try:
@@ -161,6 +177,27 @@ class FakeOllama(FakeBackend):
             raise err(f'"{name}" does not support {"chat" if kind == "chat" else "generate"}', 400)
         return {**body, "model": name}  # the legacy "name" field is accepted as "model"
 
+    # -- OLLAMA_NUM_PARALLEL and OLLAMA_MAX_QUEUE ----------------------------------------------
+    @asynccontextmanager
+    async def _slot(self, model: str, err: ErrorFn) -> AsyncIterator[None]:
+        """Hold one of the model's parallel slots; past `max_queue` waiting requests, Refused with 503."""
+        name = full_name(model)
+        if self.num_parallel is not None and self._serving.get(name, 0) >= self.num_parallel:
+            if self.queued >= self.max_queue:
+                raise err("server busy, please try again.  maximum pending requests exceeded", 503)
+            self.queued += 1
+            try:
+                while self._serving.get(name, 0) >= self.num_parallel:
+                    await asyncio.sleep(0.002)
+            finally:
+                self.queued -= 1
+        self._serving[name] = self._serving.get(name, 0) + 1
+        self.max_served_at_once = max(self.max_served_at_once, self._serving[name])
+        try:
+            yield
+        finally:
+            self._serving[name] -= 1
+
     # -- native API ------------------------------------------------------------------------
     def _native_route(self, kind: str) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -179,8 +216,18 @@ class FakeOllama(FakeBackend):
     async def _native(self, request: web.Request, kind: str, body: Json, keep: float) -> web.StreamResponse:
         started, name = time.monotonic(), body["model"]
         if _load_only(kind, body):
-            return await self._load_or_unload(kind, body, keep)
+            fault = await faulty_answer(request, self.admin_fault, self._hanging)
+            return fault or await self._load_or_unload(kind, body, keep)
         await self._before_first_byte(request)
+        try:
+            async with self._slot(name, native_error):
+                return await self._native_answer(request, kind, body, keep, started)
+        except Refused as refused:
+            return refused.response
+
+    async def _native_answer(self, request: web.Request, kind: str, body: Json, keep: float,
+                             started: float) -> web.StreamResponse:
+        name = body["model"]
         load_ns = await self.store.acquire(name, keep_alive=keep, num_ctx=_options(body).get("num_ctx"))
         try:
             if kind in ("embed", "embeddings"):
@@ -233,11 +280,15 @@ class FakeOllama(FakeBackend):
                 except Refused as refused:
                     return refused.response
                 await self._before_first_byte(request)
-                await self.store.acquire(body["model"], keep_alive=self.keep_alive)
                 try:
-                    return await self._v1(request, kind, body)
-                finally:
-                    self.store.release(body["model"], keep_alive=self.keep_alive)
+                    async with self._slot(body["model"], openai_error):
+                        await self.store.acquire(body["model"], keep_alive=self.keep_alive)
+                        try:
+                            return await self._v1(request, kind, body)
+                        finally:
+                            self.store.release(body["model"], keep_alive=self.keep_alive)
+                except Refused as refused:
+                    return refused.response
 
         return handler
 

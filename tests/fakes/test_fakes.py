@@ -13,6 +13,7 @@ import openai
 import orjson
 import pytest
 
+from .faults import FAULTS, Fault
 from .ollama import FakeOllama
 from .server import BackgroundServer
 from .vllm import FakeVLLM
@@ -178,16 +179,65 @@ def test_vllm_wake_failure_and_delay(vllm: FakeVLLM, raw: httpx.Client) -> None:
     assert raw.post("/wake_up").status_code == 200 and not vllm.is_sleeping
 
 
-def test_vllm_sleep_while_busy_is_recorded(vllm: FakeVLLM, oai: openai.OpenAI, raw: httpx.Client) -> None:
+def test_vllm_sleep_while_busy_is_recorded_and_aborts_the_request(vllm: FakeVLLM, oai: openai.OpenAI,
+                                                                  raw: httpx.Client) -> None:
     vllm.hang = True
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(chat, oai)
         vllm.wait_until(lambda: vllm.in_flight == 1)
-        raw.post("/sleep?level=1")
+        raw.post("/sleep?level=1")  # mode=abort, vLLM's default: what runs is aborted
         assert vllm.sleeps_while_busy == 1
         raw.post("/wake_up")
         vllm.release()
-        assert pending.result(5).choices[0].message.content == "fake reply from m1"
+        with pytest.raises(openai.InternalServerError, match="Request aborted"):
+            pending.result(5)
+    assert vllm.aborted_requests == 1
+    assert chat(oai).choices[0].message.content == "fake reply from m1"  # later requests are served
+
+
+def test_vllm_abort_mode_cuts_a_running_stream_and_wait_mode_drains(vllm: FakeVLLM, raw: httpx.Client) -> None:
+    vllm.stream_chunks, vllm.chunk_delay = 50, 0.02
+    body = {"model": "m1", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    with ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(lambda: raw.post("/v1/chat/completions", json=body).text)
+        vllm.wait_until(lambda: vllm.in_flight == 1)
+        raw.post("/sleep")
+        frames = streaming.result(5).split("\n\n")
+    assert frames[-2:] == ["data: [DONE]", ""] and '"Request aborted' in frames[-3]
+    raw.post("/wake_up")
+    vllm.stream_chunks = 10
+    with ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(lambda: raw.post("/v1/chat/completions", json=body).text)
+        vllm.wait_until(lambda: vllm.in_flight == 1)
+        raw.post("/sleep?mode=wait")  # returns once the stream is done
+        assert streaming.done() and "Request aborted" not in streaming.result()
+    assert vllm.aborted_requests == 1 and vllm.sleeps_while_busy == 1
+
+
+def test_vllm_fail_next_canary(vllm: FakeVLLM, oai: openai.OpenAI, raw: httpx.Client) -> None:
+    raw.post("/sleep")
+    vllm.fail_next_canary = True
+    assert raw.post("/wake_up").status_code == 200 and not vllm.is_sleeping  # the wake itself "succeeds"
+    with pytest.raises(openai.InternalServerError):
+        chat(oai)
+    assert chat(oai).choices[0].message.content == "fake reply from m1"
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_vllm_admin_faults(vllm: FakeVLLM, fault: Fault) -> None:
+    vllm.admin_fault = fault
+    with httpx.Client(base_url=vllm.url, timeout=0.5) as client:
+        if fault == "bad-json":
+            with pytest.raises(ValueError):
+                client.get("/is_sleeping").json()
+        elif fault == "wrong-shape":
+            assert client.get("/is_sleeping").json() == ["not", "an", "object"]
+        else:
+            with pytest.raises(httpx.HTTPError):
+                client.get("/is_sleeping")
+        vllm.admin_fault = None
+        assert client.get("/is_sleeping").json() == {"is_sleeping": False}
+        assert client.get("/health").status_code == 200  # only the sleep-mode routes are affected
 
 
 def test_vllm_hang_release_and_max_in_flight(vllm: FakeVLLM, oai: openai.OpenAI) -> None:
@@ -329,6 +379,36 @@ def test_ollama_errors(olla: FakeOllama, ocli: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as failed:
         ocli.generate(model="phi3", prompt="x", stream=False)
     assert failed.value.status_code == 500
+
+
+def test_ollama_num_parallel_queues_and_max_queue_refuses() -> None:
+    with FakeOllama(["a"], chunk_delay=0.1, stream_chunks=4) as fake, ollama.Client(host=fake.url) as client:
+        fake.num_parallel, fake.max_queue = 1, 1
+
+        def generate() -> list[Any]:
+            return list(client.generate(model="a", prompt="x", stream=True))
+
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(generate)]
+            fake.wait_until(lambda: fake.max_served_at_once == 1)
+            runs.append(pool.submit(generate))
+            fake.wait_until(lambda: fake.queued == 1)
+            with pytest.raises(ollama.ResponseError) as busy:
+                client.generate(model="a", prompt="x", stream=False)
+            assert busy.value.status_code == 503 and "maximum pending requests exceeded" in busy.value.error
+            assert all(run.result(5)[-1].done for run in runs)
+        assert fake.max_served_at_once == 1 and fake.queued == 0
+
+
+def test_ollama_admin_faults_hit_ps_and_loads_only(olla: FakeOllama, ocli: ollama.Client) -> None:
+    olla.admin_fault = "wrong-shape"
+    with httpx.Client(base_url=olla.url) as client:
+        assert client.get("/api/ps").json() == ["not", "an", "object"]
+        assert client.post("/api/generate", json={"model": "phi3", "keep_alive": -1}).json() == ["not", "an",
+                                                                                                "object"]
+    assert ocli.generate(model="phi3", prompt="x", stream=False).done  # inference is untouched
+    olla.admin_fault = None
+    assert [m.model for m in ocli.ps().models] == ["phi3:latest"]
 
 
 def test_ollama_embeddings(ocli: ollama.Client) -> None:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from http import HTTPStatus
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from . import _openai as oa
 from ._base import FakeBackend, Handler, Refused, json_response
+from .faults import Fault, faulty_answer
 
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 GARBAGE = "\ufffd\ufffd garbage: level-2 weights were never reloaded \ufffd\ufffd"
@@ -50,6 +52,9 @@ class FakeVLLM(FakeBackend):
         self.sleep_mode = sleep_mode
         self.wake_delay = wake_delay
         self.fail_next_wake = fail_next_wake
+        # vllm#15483/#36753: wake_up answers 200, yet the engine fails the first request it gets.
+        self.fail_next_canary = False
+        self.admin_fault: Fault | None = None  # injected into every sleep-mode route until cleared
         self.task = task
         self.healthy = True
         self.embedding_dim = 8
@@ -62,6 +67,8 @@ class FakeVLLM(FakeBackend):
         self.requests_while_sleeping = 0
         self.sleeps_while_busy = 0
         self.requests_with_stale_weights = 0
+        self.aborted_requests = 0
+        self._sleeps = 0  # each abort-mode sleep aborts the requests admitted before it
         self._ttfts: list[float] = []
         self._prompt_tokens = 0
         self._generated_tokens = 0
@@ -87,8 +94,11 @@ class FakeVLLM(FakeBackend):
             ("GET", "/is_sleeping", self._is_sleeping),
         ]
         for method, path, handler in admin:
-            r.add_route(method, path, handler if self.sleep_mode else not_found)
+            r.add_route(method, path, self._with_faults(handler) if self.sleep_mode else not_found)
         self.app.middlewares.append(_fastapi_404)
+
+    def _hanging(self) -> bool:
+        return self.admin_fault == "hang" and not self._stopping
 
     # -- plain routes ----------------------------------------------------------------------
     async def _list_models(self, request: web.Request) -> web.Response:
@@ -140,12 +150,15 @@ class FakeVLLM(FakeBackend):
 
     async def _inference(self, request: web.Request, kind: str) -> web.StreamResponse:
         async with self._tracked():
-            started = time.monotonic()
+            started, admitted = time.monotonic(), self._sleeps
             try:
                 body, model = await self._admit(request, kind)
             except Refused as refused:
                 return refused.response
             await self._before_first_byte(request)
+            if self._sleeps != admitted:
+                self.aborted_requests += 1
+                return error("Request aborted: the engine was put to sleep (mode=abort)", 500)
             self._ttfts.append(time.monotonic() - started)
             if kind == "embedding":
                 out = {
@@ -165,6 +178,9 @@ class FakeVLLM(FakeBackend):
             raise Refused(error("EngineCore encountered an issue: engine is sleeping", 500))
         if self.fail_status is not None:
             raise Refused(error(f"fake engine failure ({self.fail_status})", self.fail_status))
+        if self.fail_next_canary:
+            self.fail_next_canary = False
+            raise Refused(error("EngineCore encountered an issue after wake_up", 500))
         check = {"chat": oa.check_chat, "completion": oa.check_completion, "embedding": oa.check_embedding}
         try:
             body = check[kind](await self._json_body(request))
@@ -195,7 +211,19 @@ class FakeVLLM(FakeBackend):
             return await self._answer(request, build(reply, rid, top={}, choice=choice))
         chunks = oa.chat_chunks if kind == "chat" else oa.completion_chunks
         events = chunks(reply, rid, top={}, choice=choice, usage=oa.include_usage(body))
-        return await self._stream(request, oa.sse_stream(events), SSE_HEADERS)
+        return await self._stream(request, self._abortable(oa.sse_stream(events)), SSE_HEADERS)
+
+    def _abortable(self, frames: Iterator[bytes]) -> Iterator[bytes]:
+        """A stream that an abort-mode sleep ends as vLLM ends a failed stream: an error event, then [DONE]."""
+        admitted = self._sleeps
+        for frame in frames:
+            if self._sleeps != admitted:
+                self.aborted_requests += 1
+                body = {"error": {"message": "Request aborted: the engine was put to sleep (mode=abort)",
+                                  "type": "InternalServerError", "param": None, "code": 500}}
+                yield b"data: " + orjson.dumps(body) + b"\n\ndata: [DONE]\n\n"
+                return
+            yield frame
 
     # -- sleep mode (VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode) -------------------------
     async def _sleep(self, request: web.Request) -> web.Response:
@@ -208,6 +236,7 @@ class FakeVLLM(FakeBackend):
                 await asyncio.sleep(0.005)
         elif self.in_flight:
             self.sleeps_while_busy += 1  # vllm#28714: sleeping under load can crash the engine
+        self._sleeps += 1  # mode=abort (the default) aborts whatever is still running
         if not self.sleeping_tags:
             self.sleeping_tags = {"weights", "kv_cache"}
             self.sleep_level = int(level)
@@ -241,6 +270,12 @@ class FakeVLLM(FakeBackend):
             return web.Response(status=500, text="Internal Server Error")
         self.weights_stale = False
         return json_response({"results": [None]})
+
+    def _with_faults(self, handler: Handler) -> Handler:
+        async def faulty(request: web.Request) -> web.StreamResponse:
+            return await faulty_answer(request, self.admin_fault, self._hanging) or await handler(request)
+
+        return faulty
 
     async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
         return web.Response(status=200)

@@ -16,7 +16,16 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from . import litellm
 from .problems import ConfigError, Problem
 from .problems import Path as KeyPath
-from .schema import SynapseConfig
+from .schema import (
+    DRIVERS,
+    LIFECYCLE_MODELS,
+    AlwaysOnLifecycle,
+    DeviceConfig,
+    LifecycleConfig,
+    OllamaLifecycle,
+    ProcessLifecycle,
+    SynapseConfig,
+)
 
 Dialect = Literal["native", "litellm"]
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -66,9 +75,11 @@ def parse_config(text: str, filename: str = "<config>") -> LoadedConfig:
         raise ConfigError([Problem("error", "the top level must be a mapping of keys",
                                    "start with `backends:` (native) or `model_list:` (LiteLLM)", file=filename)])
     problems: list[Problem] = []
-    plain = _substitute_env(tree, (), problems)
+    plain = _substitute_env(tree, problems)
+    if plain is None:
+        raise ConfigError([_locate(p, tree, filename, "native") for p in problems])
     dialect: Dialect = "litellm" if "model_list" in plain else "native"
-    native = litellm.translate(plain, problems) if dialect == "litellm" else plain
+    native = _translate(plain, problems) if dialect == "litellm" else plain
     config = _validate(native, problems)
     problems.extend(check_references(native))
     if config is not None:
@@ -79,12 +90,36 @@ def parse_config(text: str, filename: str = "<config>") -> LoadedConfig:
     return LoadedConfig(config=config, source=filename, dialect=dialect, warnings=located)
 
 
-def _substitute_env(node: Any, path: KeyPath, problems: list[Problem]) -> Any:
-    """A plain copy of the YAML tree with ${VAR} and ${VAR:-default} replaced from the environment."""
+# A config has hundreds of values; YAML aliases can make a few lines expand to billions ("billion laughs").
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
+
+
+class _TooLarge(Exception):
+    """The tree expands past MAX_VALUES values or MAX_DEPTH levels (aliases of aliases, or a recursive alias)."""
+
+
+def _substitute_env(tree: Any, problems: list[Problem]) -> Any:
+    """A plain copy of the YAML tree with ${VAR} and ${VAR:-default} replaced; None when it expands too far."""
+    budget = [MAX_VALUES]
+    try:
+        return _substitute(tree, (), problems, budget)
+    except _TooLarge as exc:
+        problems.append(Problem("error", f"the config expands to {exc}",
+                                "write the values out, or use fewer YAML anchors and aliases (`&name`, `*name`)"))
+        return None
+
+
+def _substitute(node: Any, path: KeyPath, problems: list[Problem], budget: list[int]) -> Any:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLarge(f"more than {MAX_VALUES} values")
+    if len(path) > MAX_DEPTH:
+        raise _TooLarge(f"more than {MAX_DEPTH} levels")
     if isinstance(node, dict):
-        return {str(k): _substitute_env(v, (*path, str(k)), problems) for k, v in node.items()}
+        return {str(k): _substitute(v, (*path, str(k)), problems, budget) for k, v in node.items()}
     if isinstance(node, list):
-        return [_substitute_env(v, (*path, i), problems) for i, v in enumerate(node)]
+        return [_substitute(v, (*path, i), problems, budget) for i, v in enumerate(node)]
     if isinstance(node, str):
         def replace(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
@@ -98,6 +133,17 @@ def _substitute_env(node: Any, path: KeyPath, problems: list[Problem]) -> Any:
     return node
 
 
+def _translate(plain: dict[str, Any], problems: list[Problem]) -> dict[str, Any]:
+    """The LiteLLM translation, where a value of a type it did not expect is a problem, not a traceback."""
+    try:
+        return litellm.translate(plain, problems)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        problems.append(Problem("error", f"a LiteLLM setting has a value of the wrong type ({exc})",
+                                "check the values under `litellm_settings`, `router_settings` and `model_list` "
+                                "against LiteLLM's documentation (numbers where numbers are expected)"))
+        return {}
+
+
 def _validate(data: dict[str, Any], problems: list[Problem]) -> SynapseConfig | None:
     try:
         return SynapseConfig.model_validate(data)
@@ -108,17 +154,43 @@ def _validate(data: dict[str, Any], problems: list[Problem]) -> SynapseConfig | 
 
 
 def _problem_from_pydantic(error: Any) -> Problem:
-    path: KeyPath = tuple(error["loc"])
+    path, driver = _untagged(tuple(error["loc"]))
     kind = error["type"]
     if kind == "extra_forbidden":
-        key = str(path[-1])
-        close = difflib.get_close_matches(key, _known_keys(), n=1)
-        fix = f"did you mean `{close[0]}`?" if close else "remove it; docs/config.md lists every key"
-        return Problem("error", f"unknown key `{key}`", fix, path)
+        return _unknown_key(path, driver)
     if kind == "missing":
-        return Problem("error", f"`{path[-1]}` is required", f"add `{path[-1]}: ...` here", path)
+        needs = f"the {driver} driver needs" if driver else "this section needs"
+        return Problem("error", f"{needs} `{path[-1]}`", f"add `{path[-1]}: ...` here", path)
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        tag = error.get("ctx", {}).get("tag")
+        close = [d for d in DRIVERS if d.startswith(str(tag))] or difflib.get_close_matches(str(tag), DRIVERS, n=1)
+        fix = f"did you mean `{close[0]}`?" if close else f"set `driver:` to one of {', '.join(DRIVERS)}"
+        message = f"unknown driver {tag!r}" if kind == "union_tag_invalid" else "`driver` is required"
+        return Problem("error", message, fix, (*path, "driver"))
     message, _, fix = str(error["msg"]).removeprefix("Value error, ").partition("|")
     return Problem("error", message, fix or "see docs/config.md for the allowed values", path)
+
+
+def _untagged(loc: KeyPath) -> tuple[KeyPath, str | None]:
+    """Pydantic puts a discriminated union's tag into the location (`lifecycle.vllm-sleep.x`); the file has none."""
+    for i, key in enumerate(loc[:-1]):
+        if key == "lifecycle" and loc[i + 1] in DRIVERS:
+            return (*loc[: i + 1], *loc[i + 2:]), str(loc[i + 1])
+    return loc, None
+
+
+def _unknown_key(path: KeyPath, driver: str | None) -> Problem:
+    key = str(path[-1])
+    if driver is not None:
+        owners = [name for name, model in LIFECYCLE_MODELS.items() if key in model.model_fields]
+        if owners:
+            return Problem("error", f"`{key}` is not a setting of the {driver} driver",
+                           f"it belongs to the {' or '.join(owners)} driver: remove it, or set "
+                           f"`driver: {owners[0]}`", path)
+    known = list(LIFECYCLE_MODELS[driver].model_fields) if driver else _known_keys()
+    close = difflib.get_close_matches(key, known, n=1)
+    fix = f"did you mean `{close[0]}`?" if close else "remove it; docs/config.md lists every key"
+    return Problem("error", f"unknown key `{key}`", fix, path)
 
 
 def _known_keys() -> list[str]:
@@ -159,7 +231,8 @@ def check_references(data: dict[str, Any]) -> list[Problem]:
 
 
 def check_budget(config: SynapseConfig) -> list[Problem]:
-    """GPU-scheduled backends need a `gpu:` budget, a known device, and to fit it on their own."""
+    """GPU-scheduled backends need a `gpu:` budget and a known device, must be able to wake at all, and
+    must be true for every replica when several share the budget."""
     scheduled = {name: b.lifecycle for name, b in config.backends.items() if b.lifecycle is not None}
     if not scheduled:
         return []
@@ -169,20 +242,79 @@ def check_budget(config: SynapseConfig) -> list[Problem]:
     devices = {d.name: d for d in config.gpu.device_list()}
     problems: list[Problem] = []
     for name, lifecycle in scheduled.items():
-        path: KeyPath = ("backends", name, "lifecycle")
-        device = devices.get(lifecycle.device)
-        if device is None:
+        if lifecycle.device not in devices:
             problems.append(Problem("error", f"device {lifecycle.device!r} is not in the gpu budget",
-                                    f"use one of {sorted(devices)}", (*path, "device")))
-        elif lifecycle.memory > device.capacity:
-            problems.append(Problem("error", f"needs {lifecycle.memory / 2**30:.1f} GiB but device {device.name} "
-                                    f"has {device.capacity / 2**30:.1f} GiB after its reserve",
-                                    "lower `memory`, the device's `reserve`, or move it to a larger device",
-                                    (*path, "memory")))
-        if lifecycle.driver == "process" and config.backends[name].managed is None:
+                                    f"use one of {sorted(devices)}", (*_lifecycle_path(name), "device")))
+        if isinstance(lifecycle, ProcessLifecycle) and config.backends[name].managed is None:
             problems.append(Problem("error", "the process driver starts a managed engine, and there is none",
-                                    "add `managed: {command: [...]}` to this backend", (*path, "driver")))
+                                    "add `managed: {command: [...]}` to this backend",
+                                    (*_lifecycle_path(name), "driver")))
+    for device in devices.values():
+        problems.extend(check_wakes(device, {n: c for n, c in scheduled.items() if c.device == device.name}))
+    if config.gpu.redis_url:
+        problems.extend(_check_replicas(config, scheduled))
     return problems
+
+
+def check_wakes(device: DeviceConfig, units: dict[str, LifecycleConfig]) -> list[Problem]:
+    """Every unit must be able to wake while the always-on units hold their memory and the others sleep.
+
+    Otherwise the scheduler waits for room that never comes (always-on units are never evicted, and
+    an asleep unit still holds its `sleeping_memory`).
+    """
+    problems: list[Problem] = []
+    always = {n: c.memory for n, c in units.items() if isinstance(c, AlwaysOnLifecycle)}
+    asleep = {n: c.sleeping_memory for n, c in units.items() if not isinstance(c, AlwaysOnLifecycle | OllamaLifecycle)}
+    floor = sum(always.values()) + sum(asleep.values())
+    for name, config in units.items():
+        awake = _largest_memory(config)
+        need = floor - always.get(name, 0) - asleep.get(name, 0) + awake
+        if need <= device.capacity:
+            continue
+        path = (*_lifecycle_path(name), "memory")
+        if awake > device.capacity:
+            problems.append(Problem("error", f"needs {_gib(awake)} but device {device.name} has "
+                                    f"{_gib(device.capacity)} after its reserve",
+                                    "lower `memory`, the device's `reserve`, or move it to a larger device", path))
+            continue
+        held = [f"{n} {_gib(m)}" for n, m in always.items() if n != name]
+        held += [f"{n} {_gib(m)} asleep" for n, m in asleep.items() if n != name and m]
+        problems.append(Problem(
+            "error", f"can never wake: it needs {_gib(awake)}, and device {device.name} ({_gib(device.capacity)} "
+            f"after its reserve) always holds {', '.join(held)}",
+            "lower `memory` here or on the always-on backends, give an always-on backend a driver that can "
+            "sleep, or move one of them to another device", path))
+    return problems
+
+
+def _check_replicas(config: SynapseConfig, scheduled: dict[str, LifecycleConfig]) -> list[Problem]:
+    """With `gpu.redis_url`, every replica must see one backend, not start its own copy of it."""
+    problems: list[Problem] = []
+    for name in scheduled:
+        if config.backends[name].managed is None:
+            continue
+        copy = "each replica would start its own copy of this engine"
+        problems.append(Problem(
+            "error", f"a `managed` engine cannot share the GPU budget across replicas (`gpu.redis_url` is set): "
+            f"{copy}, and the budget could not hold",
+            "run the engine as its own service (for example a Deployment with `driver: kubernetes`, or a "
+            "vLLM with `driver: vllm-sleep` and no `managed`), or run one gateway replica without `redis_url`",
+            (*_lifecycle_path(name), "driver")))
+    return problems
+
+
+def _largest_memory(config: LifecycleConfig) -> int:
+    if isinstance(config, OllamaLifecycle):
+        return max([config.memory, *config.model_memory.values()])
+    return config.memory
+
+
+def _lifecycle_path(backend: str) -> KeyPath:
+    return ("backends", backend, "lifecycle")
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
 
 
 def _mapping(value: Any) -> dict[str, Any]:

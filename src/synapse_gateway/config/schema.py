@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import shlex
-from typing import Literal
+from typing import Annotated, Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from .units import Duration, Size
 
@@ -58,10 +58,9 @@ class ManagedConfig(_Strict):
         return shlex.split(value) if isinstance(value, str) else value
 
 
-class LifecycleConfig(_Strict):
-    """How a backend shares the GPU: what it holds awake and asleep, and how it is woken and put to sleep."""
+class _Lifecycle(_Strict):
+    """What every driver shares: where a backend lives, what it holds awake and asleep, and its policy."""
 
-    driver: Literal["vllm-sleep", "ollama", "kubernetes", "process", "always-on"]
     device: str = "gpu0"
     memory: Size = Field(gt=0)
     sleeping_memory: Size = Field(0, ge=0)
@@ -70,21 +69,69 @@ class LifecycleConfig(_Strict):
     min_residency: Duration = Field(0.0, ge=0)
     exclusive: list[str] = Field(default_factory=list)
     wake_timeout: Duration = Field(1800.0, gt=0)
-    sleep_level: Literal[1, 2] = 1
-    canary: bool = True
-    namespace: str = "default"
-    deployment: str | None = None
-    kubeconfig: str | None = None
-    max_loaded_models: int = Field(2, ge=1)
-    model_memory: dict[str, Size] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _driver_fields(self) -> LifecycleConfig:
-        if self.driver == "kubernetes" and not self.deployment:
-            raise ValueError("the kubernetes driver needs `deployment`|add `deployment: NAME` (and `namespace`)")
+    def _held_asleep(self) -> Self:
         if self.sleeping_memory > self.memory:
             raise ValueError("`sleeping_memory` is larger than `memory`|a backend holds less asleep than awake")
         return self
+
+
+class VllmSleepLifecycle(_Lifecycle):
+    """vLLM sleep mode: level 1 keeps weights in host RAM, level 2 drops them; a canary checks each wake."""
+
+    driver: Literal["vllm-sleep"]
+    sleep_level: Literal[1, 2] = 1
+    canary: bool = True
+    # What the canary asks: `auto` tries a completion, then an embedding (an embeddings-only engine).
+    task: Literal["auto", "generate", "embed"] = "auto"
+
+
+class OllamaLifecycle(_Lifecycle):
+    """Each Ollama model is its own unit; `memory` is a model's size unless `model_memory` names it."""
+
+    driver: Literal["ollama"]
+    max_loaded_models: int = Field(2, ge=1)
+    model_memory: dict[str, Size] = Field(default_factory=dict)
+
+
+class KubernetesLifecycle(_Lifecycle):
+    """A Deployment scaled between one replica (awake) and zero (asleep)."""
+
+    driver: Literal["kubernetes"]
+    deployment: str = Field(min_length=1)
+    namespace: str = "default"
+    kubeconfig: str | None = None
+
+
+class ProcessLifecycle(_Lifecycle):
+    """The backend's `managed` engine: asleep means not running."""
+
+    driver: Literal["process"]
+
+
+class AlwaysOnLifecycle(_Lifecycle):
+    """Counted against the budget, never put to sleep."""
+
+    driver: Literal["always-on"]
+
+
+# How a backend shares the GPU; `driver` picks the model, so each driver accepts only its own fields.
+LifecycleConfig = Annotated[
+    VllmSleepLifecycle | OllamaLifecycle | KubernetesLifecycle | ProcessLifecycle | AlwaysOnLifecycle,
+    Field(discriminator="driver"),
+]
+_LIFECYCLE: TypeAdapter[LifecycleConfig] = TypeAdapter(LifecycleConfig)
+# Each driver's name and model, in the order the docs list them.
+LIFECYCLE_MODELS: dict[str, type[_Lifecycle]] = {
+    get_args(model.model_fields["driver"].annotation)[0]: model for model in get_args(get_args(LifecycleConfig)[0])
+}
+DRIVERS = tuple(LIFECYCLE_MODELS)
+
+
+def parse_lifecycle(data: object) -> LifecycleConfig:
+    """A `lifecycle:` block validated into its driver's model (for code and tests that build one by hand)."""
+    return _LIFECYCLE.validate_python(data)
 
 
 class DeviceConfig(_Strict):

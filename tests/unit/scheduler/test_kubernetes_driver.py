@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,9 +14,11 @@ import aiohttp
 import pytest
 from kubernetes_asyncio.client import ApiClient, Configuration
 
-from synapse_gateway.config.schema import LifecycleConfig
-from synapse_gateway.scheduler.drivers.base import LifecycleError, SleepFailed, WakeFailed
+from synapse_gateway.backends import Backend
+from synapse_gateway.config.schema import BackendConfig, KubernetesLifecycle, Timeouts
+from synapse_gateway.scheduler.drivers.base import DriverContext, LifecycleError, SleepFailed, WakeFailed
 from synapse_gateway.scheduler.drivers.kubernetes import KubernetesDriver, Polling, load_client_config
+from tests.fakes.faults import FAULTS, Fault
 from tests.fakes.kubernetes import MERGE_PATCH, FakeKubernetes
 from tests.fakes.vllm import FakeVLLM
 
@@ -207,6 +210,38 @@ async def test_sleep_then_wake_round_trip(kube: FakeKubernetes, driver: Kubernet
     assert len(kube.deployments[NS, NAME].pods) == 1
 
 
+# -- every fault of the API server or the network is a LifecycleError (F5) -------------------
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_api_faults_are_lifecycle_errors(
+    kube: FakeKubernetes, backend: FakeVLLM, session: aiohttp.ClientSession, api: ApiClient, fault: Fault
+) -> None:
+    kube.add_deployment(NAME, namespace=NS, replicas=1)
+    driver = make_driver(backend, session, api, Polling(wake_timeout=2, sleep_timeout=2, interval=0.01,
+                                                        request_timeout=0.2))
+    kube.fault = fault
+    with pytest.raises(LifecycleError, match="deployment gpu/vllm"):
+        await driver.is_resident()
+    with pytest.raises(WakeFailed, match="wake deployment gpu/vllm"):
+        await driver.wake()
+    with pytest.raises(SleepFailed, match="deployment gpu/vllm"):
+        await driver.sleep()
+    kube.fault = None
+    assert await driver.is_resident()
+
+
+async def test_an_unreachable_api_server_is_wake_failed(backend: FakeVLLM, session: aiohttp.ClientSession) -> None:
+    config = Configuration(host=dead_url(), api_key={"BearerToken": "t"}, api_key_prefix={"BearerToken": "Bearer"})
+    async with ApiClient(config) as api:
+        with pytest.raises(WakeFailed, match="the Kubernetes API is unreachable"):
+            await make_driver(backend, session, api).wake()
+
+
+def dead_url() -> str:
+    with socket.socket() as sock:  # a port nothing listens on once the socket is closed
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 # -- credentials -----------------------------------------------------------------------------
 def write_kubeconfig(path: Path, server: str, token: str) -> Path:
     path.write_text(
@@ -218,8 +253,14 @@ def write_kubeconfig(path: Path, server: str, token: str) -> Path:
     return path
 
 
-def lifecycle(**fields: Any) -> LifecycleConfig:
-    return LifecycleConfig(driver="kubernetes", memory="1GiB", namespace=NS, deployment=NAME, wake_timeout=5, **fields)
+def lifecycle(**fields: Any) -> KubernetesLifecycle:
+    return KubernetesLifecycle.model_validate({"driver": "kubernetes", "memory": "1GiB", "namespace": NS,
+                                               "deployment": NAME, "wake_timeout": 5, **fields})
+
+
+def context(backend: FakeVLLM, session: aiohttp.ClientSession) -> DriverContext:
+    config = BackendConfig(url=backend.url, protocol="vllm", health_path="/health")
+    return DriverContext(Backend.from_config(NAME, config, Timeouts()), session)
 
 
 @pytest.fixture
@@ -234,8 +275,8 @@ async def test_from_config_loads_the_configured_kubeconfig(
 ) -> None:
     path = write_kubeconfig(tmp_path / "config", kube.url, kube.token)
     kube.add_deployment(NAME, namespace=NS, replicas=0)
-    driver = KubernetesDriver.from_config(lifecycle(kubeconfig=str(path)), health_url=backend.url + "/health",
-                                          session=session, poll_interval=0.01)
+    driver = KubernetesDriver.from_config(lifecycle(kubeconfig=str(path)), context(backend, session),
+                                          poll_interval=0.01)
     await driver.wake()
     assert await driver.is_resident()
     assert kube.patches()[0].headers["authorization"] == "Bearer test-token"
@@ -248,7 +289,7 @@ async def test_from_config_falls_back_to_the_kubeconfig_env_var(
 ) -> None:
     monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "config", kube.url, kube.token)))
     kube.add_deployment(NAME, namespace=NS, replicas=1)
-    driver = KubernetesDriver.from_config(lifecycle(), health_url=backend.url + "/health", session=session)
+    driver = KubernetesDriver.from_config(lifecycle(), context(backend, session))
     assert await driver.is_resident()
 
 
@@ -257,7 +298,7 @@ async def test_a_missing_kubeconfig_is_wake_failed_saying_what_to_set(
     backend: FakeVLLM, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     config = lifecycle(kubeconfig=str(tmp_path / "nope"))
-    driver = KubernetesDriver.from_config(config, health_url=backend.url + "/health", session=session)
+    driver = KubernetesDriver.from_config(config, context(backend, session))
     with pytest.raises(WakeFailed, match=r"cannot load Kubernetes credentials .*`kubeconfig:`"):
         await driver.wake()
 

@@ -6,8 +6,8 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -25,8 +25,8 @@ from kubernetes_asyncio.client import (
 from kubernetes_asyncio.client.rest import ApiException
 from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
 
-from ...config.schema import LifecycleConfig
-from .base import LifecycleError, SleepFailed, WakeFailed
+from ...config.schema import KubernetesLifecycle
+from .base import DriverContext, LifecycleError, SleepFailed, WakeFailed, describe, lifecycle_errors
 
 __all__ = ["SERVICE_ACCOUNT", "CredentialsError", "KubernetesDriver", "Polling", "load_client_config"]
 
@@ -111,15 +111,12 @@ class KubernetesDriver:
         self._waiting_for = ""  # what the last poll saw, for the timeout message
 
     @classmethod
-    def from_config(
-        cls, config: LifecycleConfig, *, health_url: str, session: aiohttp.ClientSession, poll_interval: float = 1.0
-    ) -> Self:
+    def from_config(cls, config: KubernetesLifecycle, context: DriverContext, *, poll_interval: float = 1.0) -> Self:
         """A driver for a backend's `lifecycle:` block; credentials are loaded as `load_client_config` does."""
-        if config.deployment is None:
-            raise CredentialsError("the kubernetes driver needs `deployment`: add `deployment: NAME` (and `namespace`)")
         return cls(
-            namespace=config.namespace, deployment=config.deployment, health_url=health_url, session=session,
-            kubeconfig=config.kubeconfig, polling=Polling(wake_timeout=config.wake_timeout, interval=poll_interval),
+            namespace=config.namespace, deployment=config.deployment, health_url=context.backend.health_url(),
+            session=context.session, kubeconfig=config.kubeconfig,
+            polling=Polling(wake_timeout=config.wake_timeout, interval=poll_interval),
         )
 
     @property
@@ -130,8 +127,8 @@ class KubernetesDriver:
         """True when the Deployment wants a replica and one is Ready; LifecycleError when the API cannot say."""
         async with self._apis(LifecycleError, "read") as k:
             dep = await self._read(k)
-        status = dep.status or V1DeploymentStatus()
-        return (dep.spec.replicas or 0) >= 1 and (status.ready_replicas or 0) >= 1
+            status = dep.status or V1DeploymentStatus()
+            return (dep.spec.replicas or 0) >= 1 and (status.ready_replicas or 0) >= 1
 
     async def wake(self) -> None:
         """Scale to one replica if at zero, then wait for a Ready replica and a healthy backend."""
@@ -204,19 +201,23 @@ class KubernetesDriver:
     @asynccontextmanager
     async def _apis(self, failure: type[LifecycleError], action: str) -> AsyncIterator[_Apis]:
         """The API for one action; the one place where client-library errors become this driver's failures."""
-        try:
+        with lifecycle_errors(f"{action} {self.name}", failure), _api_errors():
             if self._api is not None:
                 yield _Apis(AppsV1Api(self._api), CoreV1Api(self._api))
                 return
             async with ApiClient(await load_client_config(self.kubeconfig)) as api:
                 yield _Apis(AppsV1Api(api), CoreV1Api(api))
-        except ApiException as exc:
-            raise failure(f"{action} {self.name}: the Kubernetes API answered {_describe(exc)}") from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            detail = f"{type(exc).__name__}: {exc}"
-            raise failure(f"{action} {self.name}: the Kubernetes API is unreachable ({detail})") from exc
-        except CredentialsError as exc:
-            raise failure(f"{action} {self.name}: {exc}") from exc
+
+
+@contextmanager
+def _api_errors() -> Iterator[None]:
+    """Say what the API server answered, or that it could not be reached; `lifecycle_errors` maps the rest."""
+    try:
+        yield
+    except ApiException as exc:
+        raise LifecycleError(f"the Kubernetes API answered {_describe(exc)}") from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise LifecycleError(f"the Kubernetes API is unreachable ({describe(exc)})") from exc
 
 
 def _not_ready(dep: V1Deployment) -> str:
