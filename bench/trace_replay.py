@@ -54,6 +54,7 @@ import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
+from pydantic import TypeAdapter
 
 from synapse_gateway.config.schema import GpuConfig, LifecycleConfig
 from synapse_gateway.errors import BackendUnavailable
@@ -190,7 +191,7 @@ def lifecycle(p: Profile, policy: str, scale: float) -> LifecycleConfig:
     else:
         cfg.update(priority=p.priority, min_residency=MIN_RESIDENCY / scale,
                    idle_timeout=None if p.idle_timeout is None else p.idle_timeout / scale)
-    return LifecycleConfig.model_validate(cfg)
+    return TypeAdapter(LifecycleConfig).validate_python(cfg)  # one model per driver, picked by `driver`
 
 
 @dataclass

@@ -49,10 +49,18 @@ for i = 1, #flat, 2 do
 end
 return live
 """
+# Tokens never repeat, even after a Redis restart without persistence resets the counter: a token is
+# at least the Redis clock in microseconds, so a fresh counter starts above every token handed out.
 _ACQUIRE = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
 local token = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[3], ARGV[3], token)
+local t = redis.call('TIME')
+local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if token < floor then
+  token = floor
+  redis.call('SET', KEYS[2], string.format('%.0f', token))
+end
+redis.call('HSET', KEYS[3], ARGV[3], string.format('%.0f', token))
 return token
 """
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
@@ -72,6 +80,7 @@ class RedisCoordinator:
         acquire_timeout: float = 60.0,
         record_ttl: float = 600.0,
         in_flight_ttl: float = 10.0,
+        close_timeout: float = 5.0,
     ) -> None:
         password = urlsplit(url).password  # name the URL in errors without leaking the password into logs
         self._where = url.replace(f":{password}@", ":***@", 1) if password else url
@@ -86,6 +95,8 @@ class RedisCoordinator:
         self._in_flight: dict[str, int] = {}
         self._in_flight_lock = asyncio.Lock()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._close_timeout = close_timeout
 
     def _key(self, *parts: str) -> str:
         return ":".join((self._prefix, *parts))
@@ -110,14 +121,26 @@ class RedisCoordinator:
         self._heartbeat = asyncio.create_task(self._keep_in_flight_alive())
 
     async def close(self) -> None:
-        """Withdraw this replica's in-flight counts and close the connection pool."""
-        if self._heartbeat is not None:
+        """Stop the heartbeat, withdraw this replica's in-flight counts, close the pool; bounded, and idempotent.
+
+        The heartbeat stops on an event rather than by cancellation alone: a cancellation that a client
+        library swallows would otherwise leave `close` waiting for ever.
+        """
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self._heartbeat is not None and not await _finished(self._heartbeat, self._close_timeout):
+            log.warning("the in-flight heartbeat did not stop within %gs; cancelling it", self._close_timeout)
             self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-        with contextlib.suppress(CoordinationError):
-            for unit in list(self._in_flight):
-                await self.report_in_flight(unit, 0)
+            if not await _finished(self._heartbeat, self._close_timeout):
+                log.error("the in-flight heartbeat ignored its cancellation; leaving it behind")
+        withdrawn = list(self._in_flight)
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                for unit in withdrawn:
+                    await self.report_in_flight(unit, 0)
+        except (CoordinationError, TimeoutError) as exc:  # the counts expire on their own after in_flight_ttl
+            log.warning("withdrawing in-flight counts failed: %s", exc or "timed out")
         await self._redis.aclose()
 
     @asynccontextmanager
@@ -151,17 +174,20 @@ class RedisCoordinator:
 
     async def _renew(self, lease: Lease, owner: str) -> None:
         """Extend only while still the owner; flag the lease lost as soon as ownership can't be proven."""
-        while True:
-            await asyncio.sleep(self._lease_ttl / 3)
-            sent = time.monotonic()
-            try:
-                if not await self._run("renew", [self._key("lease", lease.device)], owner, self._ttl):
-                    break
-                lease.expires_at = sent + self._lease_ttl
-            except CoordinatorUnavailable as exc:  # a blip is survivable until the last proven expiry
-                log.warning("renewing the lease on device %r failed: %s", lease.device, exc)
-                if time.monotonic() >= lease.expires_at:
-                    break
+        try:
+            while True:
+                await asyncio.sleep(self._lease_ttl / 3)
+                sent = time.monotonic()
+                try:
+                    if not await self._run("renew", [self._key("lease", lease.device)], owner, self._ttl):
+                        break
+                    lease.expires_at = sent + self._lease_ttl
+                except CoordinatorUnavailable as exc:  # a blip is survivable until the last proven expiry
+                    log.warning("renewing the lease on device %r failed: %s", lease.device, exc)
+                    if time.monotonic() >= lease.expires_at:
+                        break
+        except Exception:  # a renewer that died unseen would let the lease lapse while we act
+            log.exception("renewing the lease on device %r failed unexpectedly", lease.device)
         lease.lost.set()
 
     async def _release(self, device: str, owner: str) -> None:
@@ -200,12 +226,27 @@ class RedisCoordinator:
         return sum(int(flat[i + 1]) for i in range(0, len(flat), 2) if flat[i] != self._replica)
 
     async def _keep_in_flight_alive(self) -> None:
-        """Refresh counts well inside their TTL; a failed round is retried on the next tick."""
-        while True:
-            await asyncio.sleep(self._in_flight_ms / 3000)
+        """Refresh counts well inside their TTL until `close`; a failed round is retried on the next tick."""
+        while not await _stopped_within(self._stopping, self._in_flight_ms / 3000):
             try:
                 async with self._in_flight_lock:
                     for unit, count in list(self._in_flight.items()):
                         await self._put_in_flight(unit, count)
             except CoordinatorUnavailable as exc:
                 log.warning("refreshing in-flight counts failed: %s", exc)
+
+
+async def _stopped_within(stopping: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds` for `stopping`; whether it is set."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stopping.wait()
+    return stopping.is_set()
+
+
+async def _finished(task: asyncio.Task[None], seconds: float) -> bool:
+    """Wait up to `seconds` for `task` to end (never raising what it raised); whether it has."""
+    await asyncio.wait({task}, timeout=seconds)
+    if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("the in-flight heartbeat had failed: %s", exc)
+    return task.done()

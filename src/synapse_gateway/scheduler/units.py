@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -17,6 +16,14 @@ class Residency(StrEnum):
     WAKING = "waking"
     RESIDENT = "resident"
     SLEEPING = "sleeping"
+    # A wake or sleep failed, timed out or was abandoned: the unit may hold its full memory, so it is
+    # counted in full and admits nothing until its driver says which it is.
+    UNKNOWN = "unknown"
+
+
+def now() -> float:
+    """The scheduler's clock: the running loop's, so a simulation with virtual time drives it."""
+    return asyncio.get_running_loop().time()
 
 
 @dataclass(eq=False)
@@ -53,15 +60,19 @@ class Unit:
         return self.config.driver != "always-on"
 
     def held(self) -> int:
-        """Memory counted against the budget: while waking or going to sleep it still counts in full."""
+        """Memory counted against the budget: anything but a confirmed sleep counts in full."""
         return self.sleeping_memory if self.state is Residency.ASLEEP else self.memory
 
-    def idle_for(self, now: float) -> float:
-        return now - self.last_used
+    def idle_for(self, at: float) -> float:
+        return at - self.last_used
 
-    def settled_in(self, now: float) -> bool:
+    def settled_in(self, at: float) -> bool:
         """Resident for at least its minimum residency (against thrash)."""
-        return now - self.resident_since >= self.config.min_residency
+        return at - self.resident_since >= self.config.min_residency
+
+    def waited_for(self) -> bool:
+        """Whether any request still waits for this unit (a wait that timed out or was cancelled doesn't)."""
+        return any(not future.done() for future in self.waiters)
 
     def touch(self) -> None:
-        self.last_used = time.monotonic()
+        self.last_used = now()

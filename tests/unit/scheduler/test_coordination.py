@@ -319,3 +319,42 @@ async def test_unreachable_redis_is_named_without_its_password() -> None:
             await coordinator.connect()
         await coordinator.close()
     assert "hunter2" not in str(caught.value)
+
+
+# --- fencing tokens and shutdown, against the real Redis ---
+
+
+async def test_tokens_never_repeat_after_redis_loses_its_counter(replicas: StartReplica, prefix: str) -> None:
+    a = await replicas("a")
+    async with a.lease("gpu0") as first:
+        await a.publish("llama", {"state": "resident"}, first.token)
+    raw = aioredis.Redis.from_url(REDIS_URL)
+    try:  # what a Redis restart without persistence leaves: no counter, no newest tokens
+        await raw.delete(f"{prefix}:fence:counter", f"{prefix}:fence:newest")
+    finally:
+        await raw.aclose()
+    async with a.lease("gpu0") as second:
+        assert second.token > first.token
+        await a.publish("llama", {"state": "asleep"}, second.token)
+    with pytest.raises(StaleToken):
+        await a.publish("llama", {"state": "resident"}, first.token)
+
+
+@pytest.mark.timeout(30)
+async def test_close_returns_even_if_the_heartbeat_loses_a_cancellation(prefix: str) -> None:
+    replica = RedisCoordinator(REDIS_URL, replica="a", prefix=prefix, in_flight_ttl=0.3, close_timeout=1.0)
+    await replica.connect()
+    await replica.report_in_flight("llama", 1)
+    put = replica._put_in_flight
+
+    async def swallowing(unit: str, count: int) -> None:
+        try:
+            await put(unit, count)
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:  # as a client library that loses a cancellation would
+            pass
+
+    replica._put_in_flight = swallowing  # type: ignore[method-assign]
+    await asyncio.sleep(0.35)  # the heartbeat (every 0.1s) is now mostly inside `swallowing`
+    await asyncio.wait_for(replica.close(), timeout=5)
+    await replica.close()  # twice is harmless
