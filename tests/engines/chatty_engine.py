@@ -1,10 +1,13 @@
 """A stand-in engine for managed-engine tests: an OpenAI-ish server that can be noisy, hang, or fork a worker.
 
-Run as a script: `python chatty_engine.py --port N [--flood] [--hang-file PATH] [--worker-pid-file PATH]`.
+Run as a script: `python chatty_engine.py --port N [--flood] [--hang-file PATH] [--busy-file PATH] ...`.
 - `--flood`: before serving, print a 70 KB line, a `\\r` progress bar and 5000 lines of 100 bytes: more
   than a pipe holds, so an engine whose output is not drained blocks before it ever answers.
 - `--hang-file PATH`: when PATH exists, the server removes it and from then on answers nothing (a hung
   engine whose process still runs); a restarted copy serves normally.
+- `--busy-file PATH`: when PATH exists, /health answers nothing but the engine keeps printing a line
+  every 0.1 s and serving other requests (all HTTP threads held by long streams, as an overloaded
+  llama-server looks).
 - `--worker-pid-file PATH`: fork a worker (in the engine's process group, like vLLM's) and write its PID.
 - `--model NAME`: the one model it serves (default `chatty`).
 """
@@ -38,7 +41,9 @@ def flood() -> None:
 class Engine(BaseHTTPRequestHandler):
     model = "chatty"
     hang_file: Path | None = None
+    busy_file: Path | None = None
     hung = threading.Event()
+    busy = threading.Event()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -61,6 +66,11 @@ class Engine(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._hang_if_asked()
+        if self.path == "/health" and self.busy_file is not None and self.busy_file.exists():
+            if not self.busy.is_set():
+                self.busy.set()
+                threading.Thread(target=_keep_printing, daemon=True).start()
+            time.sleep(3600)
         if self.path == "/health":
             self._answer({"status": "ok"})
         elif self.path == "/v1/models":
@@ -78,6 +88,12 @@ class Engine(BaseHTTPRequestHandler):
                       "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}})
 
 
+def _keep_printing() -> None:
+    for n in range(1_000_000):
+        print(f"slot 0: generating token {n}", flush=True)
+        time.sleep(0.1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
@@ -85,6 +101,7 @@ def main() -> None:
     parser.add_argument("--flood", action="store_true")
     parser.add_argument("--hang-file", type=Path)
     parser.add_argument("--worker-pid-file", type=Path)
+    parser.add_argument("--busy-file", type=Path)
     parser.add_argument("--api-key")  # accepted and ignored, as a real engine would check it
     args = parser.parse_args()
     if args.worker_pid_file is not None:
@@ -92,7 +109,7 @@ def main() -> None:
         args.worker_pid_file.write_text(str(worker.pid))
     if args.flood:
         flood()
-    Engine.model, Engine.hang_file = args.model, args.hang_file
+    Engine.model, Engine.hang_file, Engine.busy_file = args.model, args.hang_file, args.busy_file
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Engine)
     server.daemon_threads = True
     print(f"serving on port {args.port} (pid {os.getpid()})", flush=True)

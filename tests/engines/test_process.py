@@ -83,6 +83,22 @@ async def test_a_hung_engine_is_restarted(session: aiohttp.ClientSession, tmp_pa
         await engine.stop()
 
 
+async def test_a_busy_engine_that_keeps_printing_is_not_restarted(session: aiohttp.ClientSession,
+                                                                   tmp_path: Path) -> None:
+    busy = tmp_path / "busy"
+    engine, port = _chatty(session, "--busy-file", str(busy),
+                           liveness=Liveness(interval=0.2, timeout=0.3, failures=2))
+    try:
+        await engine.start()
+        busy.touch()  # /health answers nothing from now on, but the engine prints and serves
+        await asyncio.sleep(3)  # ten probes missed
+        assert engine.ready.is_set() and engine.restarts == 0
+        async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": "chatty"}) as answer:
+            assert answer.status == 200
+    finally:
+        await engine.stop()
+
+
 async def test_a_failing_on_ready_hook_leaves_the_engine_serving(session: aiohttp.ClientSession) -> None:
     async def discovery_got_a_list() -> None:
         raise AttributeError("'list' object has no attribute 'get'")

@@ -95,6 +95,7 @@ class ManagedEngine:
         self._supervisor: asyncio.Task[None] | None = None
         self._settled = asyncio.Event()
         self._failed = asyncio.Event()  # set with state FAILED: waiters stop waiting for `ready`
+        self._lines = 0  # output lines so far: an engine that prints is not hung
 
     async def start(self) -> None:
         """Start supervising; returns once the first start has succeeded or failed (never raises)."""
@@ -304,7 +305,12 @@ class ManagedEngine:
             self._log.exception("engine %s is ready, but what runs on ready failed; it keeps serving", self.name)
 
     async def _watch(self, exited: asyncio.Future[int]) -> None:
-        """Probe the health of a ready engine until it exits; raise when it stops answering."""
+        """Probe the health of a ready engine until it exits; raise when it stops answering.
+
+        A probe that fails while the engine keeps printing is not counted: an engine whose HTTP threads
+        are all held by long streams (llama-server has `--parallel` + 2) answers /health late but is not
+        hung, and restarting it would drop every request it serves.
+        """
         misses = 0
         while True:
             await asyncio.wait([exited], timeout=self.liveness.interval)
@@ -312,8 +318,12 @@ class ManagedEngine:
                 raise EngineFailed(f"engine {self.name} exited with status {exited.result()}",
                                    f"engine {self.name} exited with status {exited.result()}; "
                                    f"last output: {self._tail()}")
+            printed = self._lines
             if await self._healthy(self.liveness.timeout):
                 misses = 0
+                continue
+            if self._lines != printed:
+                self._log.warning("engine %s did not answer its health check, but it is working", self.name)
                 continue
             misses += 1
             self._log.warning("engine %s did not answer its health check (%d of %d)", self.name, misses,
@@ -322,7 +332,7 @@ class ManagedEngine:
                 self.ready.clear()
                 raise EngineFailed(f"engine {self.name} stopped answering its health check",
                                    f"engine {self.name} did not answer {self.health_url} {misses} times in a "
-                                   f"row; restarting it; last output: {self._tail()}")
+                                   f"row and printed nothing; restarting it; last output: {self._tail()}")
 
     async def _healthy(self, timeout: float) -> bool:
         try:
@@ -344,6 +354,7 @@ class ManagedEngine:
                 signal_group(process.pid, signal.SIGKILL)
 
     def _on_line(self, line: str) -> None:
+        self._lines += 1
         line = self.redactor.text(line)
         self.output.append(line)
         self._log.info("%s", line)
