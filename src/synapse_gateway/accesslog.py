@@ -27,7 +27,8 @@ class RequestRecord:
     path: str
     started: float
     model: str | None = None
-    route: str | None = None
+    source: str | None = None  # how the model was resolved: exact, alias, pattern, discovered, fallback
+    route: str | None = None  # the route's name (a pattern's text, not the client's model): the metric label
     backend: str | None = None
     upstream_model: str | None = None
     status: int = 0
@@ -46,7 +47,7 @@ class RequestRecord:
         ttft = self.ttft
         return {
             "request_id": self.request_id, "method": self.method, "path": self.path, "model": self.model,
-            "route": self.route, "backend": self.backend, "upstream_model": self.upstream_model,
+            "source": self.source, "route": self.route, "backend": self.backend, "upstream_model": self.upstream_model,
             "status": self.status, "latency_ms": round((finished - self.started) * 1000, 3),
             "ttft_ms": None if ttft is None else round(ttft * 1000, 3), "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out, "retries": self.retries, "stream": self.stream,

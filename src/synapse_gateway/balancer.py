@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -45,8 +46,12 @@ class Balancer:
         self.policy = policy
         self._turn = 0
 
-    def attempts(self, targets: list[Target]) -> list[Target]:
-        """Targets to try in order: up to `retries + 1`, healthy and least loaded first, none twice in a row."""
+    def attempts(self, targets: list[Target], *, waits: Callable[[Target], bool] | None = None) -> list[Target]:
+        """Targets to try in order: up to `retries + 1`, none twice in a row.
+
+        Healthy first, then those that can answer now (no wake or start to wait for, per `waits`),
+        then the least loaded; ties take turns.
+        """
         budget = self.policy.retries + 1
         count = len(targets)
         if count == 1:
@@ -54,9 +59,10 @@ class Balancer:
         now = time.monotonic()
         self._turn += 1
         turn = self._turn
+        must_wait = [waits(t) for t in targets] if waits is not None else [False] * count
         order = sorted(
             range(count),
-            key=lambda i: (targets[i].deployment.cooldown_until > now,
+            key=lambda i: (targets[i].deployment.cooldown_until > now, must_wait[i],
                            targets[i].backend.in_flight, (i - turn) % count),
         )
         return [targets[order[n % count]] for n in range(budget)]

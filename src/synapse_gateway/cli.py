@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -122,7 +124,7 @@ def gpu_status(url: str) -> None:
 @click.option("--url", default="http://127.0.0.1:4000", envvar="SYNAPSE_URL", show_default=True)
 def gpu_wake(name: str, url: str) -> None:
     """Make NAME resident now (evicting idle units if needed)."""
-    click.echo(f"{name}: {_admin(url, 'POST', f'/admin/gpu/{name}/wake')['state']}")
+    click.echo(f"{name}: {_admin(url, 'POST', f'/admin/gpu/{_segment(name)}/wake')['state']}")
 
 
 @gpu.command("sleep")
@@ -130,22 +132,45 @@ def gpu_wake(name: str, url: str) -> None:
 @click.option("--url", default="http://127.0.0.1:4000", envvar="SYNAPSE_URL", show_default=True)
 def gpu_sleep(name: str, url: str) -> None:
     """Put NAME to sleep now, if it has nothing in flight."""
-    click.echo(f"{name}: {_admin(url, 'POST', f'/admin/gpu/{name}/sleep')['state']}")
+    click.echo(f"{name}: {_admin(url, 'POST', f'/admin/gpu/{_segment(name)}/sleep')['state']}")
+
+
+def _segment(name: str) -> str:
+    """A unit name as one URL path segment (Ollama units are `backend/model:tag`)."""
+    return urllib.parse.quote(name, safe="")
 
 
 def _admin(url: str, method: str, path: str) -> dict[str, Any]:
-    """Call an admin route of a running gateway; exit 1 with its error message when it fails."""
-    request = urllib.request.Request(f"{url.rstrip('/')}{path}", method=method)
+    """Call an admin route of a running gateway; exit 1 with its error message when it fails.
+
+    The master key comes from SYNAPSE_MASTER_KEY when the gateway has one; a change is sent as JSON,
+    which the gateway requires of admin calls.
+    """
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get("SYNAPSE_MASTER_KEY")
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = b"{}" if method != "GET" else None
+    request = urllib.request.Request(f"{url.rstrip('/')}{path}", method=method, headers=headers, data=data)
     try:
         with urllib.request.urlopen(request, timeout=1800) as answer:
             result: dict[str, Any] = json.load(answer)
             return result
     except urllib.error.HTTPError as exc:
-        message = json.loads(exc.read() or b"{}").get("error", {}).get("message", exc.reason)
-        click.echo(f"synapse: {message}", err=True)
+        click.echo(f"synapse: {_error_message(exc)}", err=True)
     except (urllib.error.URLError, OSError) as exc:
         click.echo(f"synapse: cannot reach the gateway at {url}: {exc}", err=True)
     sys.exit(1)
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    """The gateway's error message, or the HTTP status when the answer is not the error envelope."""
+    try:
+        body = json.loads(exc.read() or b"{}")
+        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or f"HTTP {exc.code} {exc.reason}")
 
 
 def _load_or_exit(config_path: str | None) -> LoadedConfig:

@@ -86,11 +86,6 @@ class Catalog:
             owner = self.router.public_models().get(name)
         return owner
 
-    async def refresh_on_miss(self, model: str) -> None:
-        """Deprecated: `resolve`, `public_models` and `find_model` refresh by themselves."""
-        if len(model) <= MAX_MODEL_NAME:
-            await self._refresh_on_miss(model)
-
     async def start(self) -> None:
         """Probe every backend once, then keep refreshing in the background; never raises for a backend."""
         await self.refresh()

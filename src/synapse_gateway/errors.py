@@ -16,13 +16,15 @@ class GatewayError(Exception):
     retryable = False
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after: int | None = None) -> None:
+                 retry_after: int | None = None, repeatable: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
         self.retry_after = retry_after
+        # Whether the same deployment may be tried again: only when the request never reached it.
+        self.repeatable = repeatable
 
     def envelope(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
@@ -63,6 +65,10 @@ class Conflict(GatewayError):
     status, error_type, code = 409, "invalid_request_error", "backend_busy"
 
 
+class RequestTimeout(GatewayError):
+    status, error_type, code = 408, "invalid_request_error", "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status, error_type, code = 413, "invalid_request_error", "request_too_large"
 
@@ -71,8 +77,9 @@ class BackendUnavailable(GatewayError):
     status, error_type, code = 503, "api_error", "backend_unavailable"
     retryable = True
 
-    def __init__(self, message: str, *, retry_after: int = 5) -> None:
-        super().__init__(message, retry_after=retry_after)
+    def __init__(self, message: str, *, retry_after: int = 5, code: str | None = None,
+                 repeatable: bool = False) -> None:
+        super().__init__(message, retry_after=retry_after, code=code, repeatable=repeatable)
 
 
 class BackendTimeout(GatewayError):
@@ -83,6 +90,23 @@ class BackendTimeout(GatewayError):
 class BadGateway(GatewayError):
     status, error_type, code = 502, "api_error", "bad_gateway"
     retryable = True
+
+
+class BackendRateLimited(GatewayError):
+    """A backend answered 429: another deployment may have room; the last one's Retry-After is kept."""
+
+    status, error_type, code = 429, "rate_limit_error", "backend_rate_limited"
+    retryable = True
+
+
+class BackendRejected(GatewayError):
+    """A backend's 4xx without an OpenAI envelope: the client's request was refused, with the backend's status."""
+
+    error_type, code = "invalid_request_error", "upstream_error"
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class InternalError(GatewayError):

@@ -1,4 +1,4 @@
-"""The gateway's shared parts, built once per app in its lifespan and hung on the app."""
+"""The gateway's shared parts, built whole once per app in its lifespan and hung on the app."""
 
 from __future__ import annotations
 
@@ -18,13 +18,16 @@ from .accesslog import AccessLog
 from .backends import Backend
 from .balancer import Balancer
 from .config import LoadedConfig
+from .config.schema import ServerConfig
 from .defaults import DEFAULT_SOURCE
 from .discovery import Catalog
 from .engines.process import ManagedEngine
+from .forwarding.admission import Admission
+from .forwarding.proxy import Proxy
 from .metrics import Metrics
-from .proxy import Proxy
 from .routing import Router
-from .scheduler.build import Gpu, build_gpu, managed_by_scheduler
+from .scheduler.build import build_gpu, managed_by_scheduler
+from .scheduler.gpu import Gpu
 from .scheduler.metrics import SchedulerMetrics
 
 log = logging.getLogger("synapse")
@@ -33,43 +36,76 @@ GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
 
 @dataclass(eq=False)
 class Gateway:
-    """Everything a request handler needs: routing, balancing, upstream session, metrics, state."""
+    """Everything a request handler needs: routing, forwarding, the GPU scheduler, metrics, state."""
 
     loaded: LoadedConfig
     backends: dict[str, Backend]
-    router: Router
-    balancer: Balancer
-    metrics: Metrics
-    session: aiohttp.ClientSession
     catalog: Catalog
     proxy: Proxy
+    metrics: Metrics
+    session: aiohttp.ClientSession
     access_log: AccessLog
-    gpu: Gpu | None = None
+    gpu: Gpu | None
+    engines: list[ManagedEngine]
+    # Engines started with the gateway (not on demand by the scheduler): readiness waits for them.
+    boot_engines: list[ManagedEngine]
     draining: bool = False
     ready: bool = False
     started_at: float = field(default_factory=time.time)
 
     @classmethod
-    def build(cls, loaded: LoadedConfig, session: aiohttp.ClientSession) -> Gateway:
+    async def create(cls, loaded: LoadedConfig, session: aiohttp.ClientSession) -> Gateway:
+        """Build every part with its collaborators; nothing is started yet."""
         config = loaded.config
         backends = {name: Backend.from_config(name, b, config.timeouts) for name, b in config.backends.items()}
         router = Router.from_config(config, backends)
-        balancer = Balancer(config.routing)
         metrics = Metrics()
         catalog = Catalog(router, session, config.discovery)
-        proxy = Proxy(session, router, balancer, metrics)
-        access_log = AccessLog(sys.stderr.buffer if config.server.access_log else None)
+        engines: list[ManagedEngine] = []
         for name, backend_config in config.backends.items():
             if backend_config.managed is not None:
                 backend = backends[name]
                 backend.engine = ManagedEngine(name, backend_config.managed,
-                                               backend.health_url(backend_config.managed.health), session)
-                backend.engine.on_ready = functools.partial(catalog.probe, backend)
-        return cls(loaded, backends, router, balancer, metrics, session, catalog, proxy, access_log)
+                                               backend.health_url(backend_config.managed.health), session,
+                                               on_ready=functools.partial(catalog.probe, backend))
+                engines.append(backend.engine)
+        gpu = None
+        if config.gpu is not None:
+            gpu = await build_gpu(config.gpu, backends, session, SchedulerMetrics(metrics.registry),
+                                  replica=uuid.uuid4().hex[:12])
+        proxy = Proxy(session, Balancer(config.routing), metrics, Admission.for_gateway(gpu),
+                      max_response_size=config.server.max_response_size)
+        access_log = AccessLog(sys.stderr.buffer if config.server.access_log else None)
+        boot = [b.engine for b in backends.values() if b.engine is not None and not managed_by_scheduler(b)]
+        return cls(loaded, backends, catalog, proxy, metrics, session, access_log, gpu, engines, boot)
 
     @property
-    def engines(self) -> list[ManagedEngine]:
-        return [b.engine for b in self.backends.values() if b.engine is not None]
+    def engines_settled(self) -> bool:
+        """Whether every engine started with the gateway has come up or failed (readiness waits for this)."""
+        return all(engine.is_settled for engine in self.boot_engines)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(b.in_flight for b in self.backends.values())
+
+    async def start(self) -> list[asyncio.Task[None]]:
+        """Start the engines, the scheduler and discovery; engines keep starting in the returned tasks."""
+        starting = [asyncio.create_task(engine.start(), name=f"start-{engine.name}") for engine in self.boot_engines]
+        if self.gpu is not None:
+            await asyncio.gather(*starting)  # the scheduler asks running engines whether they are resident
+            await self.gpu.scheduler.start()
+        await self.catalog.start()
+        self.report_backends()
+        self.ready = True
+        return starting
+
+    async def close(self, starting: list[asyncio.Task[None]]) -> None:
+        self.ready = False
+        self.access_log.flush()
+        if self.gpu is not None:
+            await self.gpu.scheduler.close()
+        await self.catalog.stop()
+        await asyncio.gather(*(engine.stop() for engine in self.engines), *starting, return_exceptions=True)
 
     def report_backends(self) -> None:
         """Say at start-up which backends answer, what they serve, and how to add more."""
@@ -88,42 +124,35 @@ class Gateway:
                      "(see docs/config.md) and start `synapse serve --config FILE`")
 
 
-def new_session() -> aiohttp.ClientSession:
-    """One pooled client session for all upstream traffic (never one per request)."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
+def new_session(settings: ServerConfig) -> aiohttp.ClientSession:
+    """One pooled client session for all upstream traffic (never one per request).
+
+    `Accept-Encoding: identity`: answers are relayed as they come, and the gateway reads usage and
+    errors from them, so a compressed body would reach clients mislabelled. The keep-alive time stays
+    under the 5 s that uvicorn-based engines (vLLM) keep an idle connection, so a pooled connection
+    is never reused just as the backend closes it.
+    """
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=settings.max_connections_per_backend,
+                                     keepalive_timeout=4.0, ttl_dns_cache=300)
     return aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
-                                 cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=None))
+                                 headers={"Accept-Encoding": "identity"}, cookie_jar=aiohttp.DummyCookieJar(),
+                                 timeout=aiohttp.ClientTimeout(total=None))
 
 
 def lifespan(loaded: LoadedConfig) -> Callable[[web.Application], AsyncIterator[None]]:
-    """The app's cleanup context: build the gateway, discover backends, and close everything at exit."""
+    """The app's cleanup context: build the gateway, start it, and close everything at exit."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
-        session = new_session()
-        gateway = Gateway.build(loaded, session)
-        app[GATEWAY_KEY] = gateway
-        starting = [asyncio.create_task(b.engine.start()) for b in gateway.backends.values()
-                    if b.engine is not None and not managed_by_scheduler(b)]
-        if loaded.config.gpu is not None:
-            await asyncio.gather(*starting)  # the scheduler asks running engines whether they are resident
-            gateway.gpu = await build_gpu(loaded.config.gpu, gateway.backends, session,
-                                          SchedulerMetrics(gateway.metrics.registry), replica=uuid.uuid4().hex[:12])
-            gateway.proxy.gpu = gateway.gpu
-            await gateway.gpu.scheduler.start()
-        await gateway.catalog.start()
-        gateway.report_backends()
-        gateway.ready = True
+        session = new_session(loaded.config.server)
         try:
-            yield
+            gateway = await Gateway.create(loaded, session)
+            app[GATEWAY_KEY] = gateway
+            starting = await gateway.start()
+            try:
+                yield
+            finally:
+                await gateway.close(starting)
         finally:
-            gateway.ready = False
-            gateway.access_log.flush()
-            if gateway.gpu is not None:
-                await gateway.gpu.scheduler.stop()
-                await gateway.gpu.scheduler.coordinator.close()
-            await gateway.catalog.stop()
-            await asyncio.gather(*(engine.stop() for engine in gateway.engines), *starting,
-                                 return_exceptions=True)
             await session.close()
 
     return context

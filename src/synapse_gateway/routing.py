@@ -109,17 +109,6 @@ class Router:
         resolution, names = hit
         return replace(resolution, fallbacks=self._fallbacks(resolution, names)) if names else resolution
 
-    def resolve(self, model: str | Resolution, *, use_fallback: bool = True) -> Resolution | None:
-        """Deprecated: use `Catalog.resolve`. Kept while callers still resolve fallbacks themselves.
-
-        A `Resolution` (an entry of another resolution's `fallbacks`) is returned as it is; an over-long
-        name raises InvalidRequest.
-        """
-        if isinstance(model, Resolution):
-            return model
-        check_model_name(model)
-        return self.lookup(model, use_fallback=use_fallback)
-
     def _match(self, model: str, *, use_fallback: bool) -> tuple[Resolution, tuple[str, ...]] | None:
         """The first rule that matches `model`, and the names of the route's fallback models."""
         route = self.exact.get(model)

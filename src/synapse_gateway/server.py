@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import logging
-import signal
-from collections.abc import Coroutine
-from typing import Any
-
-from aiohttp import web
 
 from .app import create_app
 from .config import LoadedConfig
 from .gateway import GATEWAY_KEY
+from .web.serve import make_runner, run_async, serve_until_signal
 
 log = logging.getLogger("synapse")
 
@@ -22,21 +19,16 @@ async def serve(loaded: LoadedConfig, host: str, port: int) -> None:
     """Serve until SIGTERM or SIGINT; then stop accepting, let in-flight requests finish, and return."""
     settings = loaded.config.server
     app = create_app(loaded)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                           shutdown_timeout=settings.drain_timeout)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True)
-    await site.start()
-    gc.freeze()  # start-up objects never die: keep them out of every later collection
-    log.info("listening on http://%s:%d (config: %s, %s format)", host, _bound_port(runner, port),
-             loaded.source, loaded.dialect)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
+    runner = make_runner(app, drain_timeout=settings.drain_timeout, header_timeout=settings.header_timeout)
+
+    def listening(bound: int) -> None:
+        gc.freeze()  # start-up objects never die: keep them out of every later collection
+        log.info("listening on http://%s:%d (config: %s, %s format)", host, bound, loaded.source, loaded.dialect)
+        if not loaded.config.auth.master_key and not _is_loopback(host):
+            log.warning("listening on %s with no master key: anyone who can reach this port can use every "
+                        "model; /admin answers only this machine. Set auth.master_key or SYNAPSE_MASTER_KEY.", host)
+
+    async def drain() -> None:
         gateway = app.get(GATEWAY_KEY)
         if gateway is not None:
             gateway.draining = True
@@ -44,30 +36,20 @@ async def serve(loaded: LoadedConfig, host: str, port: int) -> None:
             log.info("shutting down: readiness is now false; still serving for %gs so load balancers "
                      "can stop sending traffic", settings.shutdown_delay)
             await asyncio.sleep(settings.shutdown_delay)
-        in_flight = sum(b.in_flight for b in gateway.backends.values()) if gateway else 0
         log.info("shutting down: not accepting connections, %d requests in flight, waiting up to %gs",
-                 in_flight, settings.drain_timeout)
-        await runner.cleanup()
-        log.info("stopped")
+                 gateway.in_flight if gateway else 0, settings.drain_timeout)
+
+    await serve_until_signal(runner, host, port, on_listening=listening, before_stop=drain)
+    log.info("stopped")
 
 
-def _bound_port(runner: web.AppRunner, requested: int) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    return requested
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def run(loaded: LoadedConfig, host: str, port: int) -> None:
     """Run the gateway until a signal stops it."""
     run_async(serve(loaded, host, port))
-
-
-def run_async(main: Coroutine[Any, Any, None]) -> None:
-    """Run `main` on uvloop where it is installed (it is a dependency except on Windows)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        asyncio.run(main)
-        return
-    uvloop.run(main)

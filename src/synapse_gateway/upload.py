@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from .body import BodyDeadline, check_model_name
 from .errors import InvalidRequest, PayloadTooLarge
 
 _MODEL_FIELD = re.compile(rb'(?i)content-disposition:[^\r\n]*;\s*name="model"(?:;|\s|$)')
@@ -14,12 +15,17 @@ _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 
 
 class FieldScanner:
-    """Finds one form field's value in a growing multipart buffer, scanning each part only once."""
+    """Finds one form field's value in a growing multipart buffer, scanning each byte about once.
+
+    `searched` remembers how far the search for the current part's end got, so a large file part
+    that arrives in many chunks is not searched again from its start on every chunk.
+    """
 
     def __init__(self, boundary: bytes, pattern: re.Pattern[bytes]) -> None:
         self.delimiter = b"--" + boundary
         self.pattern = pattern
         self.position = 0
+        self.searched = 0
         self.finished = False
 
     def scan(self, buffer: bytes | bytearray) -> tuple[int, int] | None:
@@ -35,29 +41,32 @@ class FieldScanner:
             head_end = buffer.find(b"\r\n\r\n", head)
             if head_end < 0:
                 return None
-            end = buffer.find(b"\r\n" + self.delimiter, head_end + 4)
+            closing = b"\r\n" + self.delimiter
+            end = buffer.find(closing, max(head_end + 4, self.searched))
             if end < 0:
+                self.searched = max(head_end + 4, len(buffer) - len(closing) + 1)
                 return None
             if self.pattern.search(buffer, head, head_end + 2):
                 return head_end + 4, end
             self.position = end + 2
+            self.searched = 0
         return None
 
 
 class MultipartUpload:
     """An upload whose head has been read up to the `model` field; `body_for` streams the whole of it."""
 
-    def __init__(self, request: web.Request, head: bytearray, span: tuple[int, int], limit: int) -> None:
+    def __init__(self, request: web.Request, head: bytearray, span: tuple[int, int], deadline: BodyDeadline) -> None:
         self.request = request
         self.head = head
         self.span = span
-        self.limit = limit
+        self.deadline = deadline
         self.consumed = False
         self.model = bytes(head[span[0]:span[1]]).decode("utf-8", "replace").strip()
         self.content_type = request.headers.get("Content-Type", "")
 
     @classmethod
-    async def read_head(cls, request: web.Request, limit: int) -> MultipartUpload:
+    async def read_head(cls, request: web.Request, limit: int, deadline: BodyDeadline) -> MultipartUpload:
         """Read until the `model` field is known (413 past `limit`, 400 for a body that is not multipart)."""
         declared = request.content_length
         if declared is not None and declared > limit:
@@ -72,7 +81,7 @@ class MultipartUpload:
         # is read whole (within the limit) so that 413 is decided before a backend sees any of it.
         whole = declared is None
         while (span := scanner.scan(head)) is None or whole:
-            chunk = await request.content.readany()
+            chunk = await deadline.read(request.content)
             if not chunk:
                 if span is not None:
                     break
@@ -80,9 +89,8 @@ class MultipartUpload:
             head += chunk
             if len(head) > limit:
                 raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
-        upload = cls(request, head, span, limit)
-        if not upload.model:
-            raise InvalidRequest("the model parameter is empty", param="model", code="invalid_model")
+        upload = cls(request, head, span, deadline)
+        check_model_name(upload.model)
         return upload
 
     @property
@@ -102,5 +110,7 @@ class MultipartUpload:
     async def _stream(self, head: bytes) -> AsyncIterator[bytes]:
         self.consumed = True
         yield head
-        async for chunk in self.request.content.iter_any():  # bounded by the checked Content-Length
+        # Bounded in size by the checked Content-Length, and in time by the deadline: a trickling
+        # client must not hold the backend (or a GPU unit) for ever.
+        while chunk := await self.deadline.read(self.request.content):
             yield chunk

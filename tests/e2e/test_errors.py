@@ -118,7 +118,7 @@ def test_internal_error_message_names_the_request_id(start_gateway: GatewayFacto
     def explode(*args: object, **kwargs: object) -> None:
         raise RuntimeError("secret detail")
 
-    monkeypatch.setattr(Router, "resolve", explode)
+    monkeypatch.setattr(Router, "lookup", explode)
     with httpx.Client(base_url=gw.url) as http:
         answer = http.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES},
                            headers={"X-Request-Id": "req-123"})

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
 from synapse_gateway.localstack.llama import llama_server_binary, llama_server_command
 from tests.conftest import GatewayFactory
@@ -103,11 +104,11 @@ def test_admin_wake_sleep_and_a_budget_that_cannot_fit(start_gateway: GatewayFac
                            "lifecycle": {"driver": "vllm-sleep", "memory": "6GiB", "sleeping_memory": "1.2GiB"}}},
     })
     with httpx.Client(base_url=gw.url, timeout=30) as http:
-        assert http.post("/admin/gpu/v/sleep").json()["state"] == "asleep"
+        assert http.post("/admin/gpu/v/sleep", json={}).json()["state"] == "asleep"
         assert sleepy_vllm.is_sleeping
-        assert http.post("/admin/gpu/v/wake").json()["state"] == "resident"
+        assert http.post("/admin/gpu/v/wake", json={}).json()["state"] == "resident"
         assert not sleepy_vllm.is_sleeping
-        assert http.post("/admin/gpu/nothing/wake").status_code == 404
+        assert http.post("/admin/gpu/nothing/wake", json={}).status_code == 404
         metrics = http.get("/metrics").text
     assert 'synapse_gpu_unit_state{state="resident",unit="v"} 1.0' in metrics
     assert 'synapse_gpu_swaps_total{action="sleep",unit="v"} 1.0' in metrics
@@ -159,7 +160,7 @@ def test_a_stream_waiting_for_a_wake_gets_keep_alives(start_gateway: GatewayFact
                                "lifecycle": {"driver": "vllm-sleep", "memory": "6GiB"}}},
         })
         with httpx.Client(base_url=gw.url, timeout=30) as http:
-            assert http.post("/admin/gpu/v/sleep").status_code == 200
+            assert http.post("/admin/gpu/v/sleep", json={}).status_code == 200
             answer = http.post("/v1/chat/completions", json={"model": "llama-3.2-8b", "messages": MESSAGES,
                                                               "stream": True})
     assert answer.status_code == 200
@@ -188,7 +189,7 @@ def test_kubernetes_deployment_scaled_from_zero_on_demand(start_gateway: Gateway
             assert client.chat.completions.create(model="llama-3.2-8b", messages=MESSAGES).choices
         assert _gpu(gw)["vllm-inference"] == "resident"
         with gw.http() as http:
-            assert http.post("/admin/gpu/vllm-inference/sleep").json()["state"] == "asleep"
+            assert http.post("/admin/gpu/vllm-inference/sleep", json={}).json()["state"] == "asleep"
         assert [p.body["spec"]["replicas"] for p in kube.patches()] == [1, 0]
         assert kube.deployments["llm-infra", "vllm-inference"].pods == []
 
@@ -203,3 +204,38 @@ def test_an_unknown_model_is_404_at_once_while_on_demand_engines_sleep(start_gat
         answer = http.post("/v1/chat/completions", json={"model": "nope", "messages": MESSAGES})
     assert answer.status_code == 404
     assert _gpu(gw)["lazy"] == "asleep"
+
+
+class SleepAnswerVLLM(FakeVLLM):
+    """A sleep-mode vLLM whose /sleep answer is lost after it slept ("drop"), or that fails to sleep ("fail")."""
+
+    sleep_answer = "drop"
+
+    async def _sleep(self, request: web.Request) -> web.Response:
+        if self.sleep_answer == "fail":
+            return web.Response(status=500, text="Internal Server Error")
+        answer = await super()._sleep(request)
+        if self.sleep_answer == "drop":
+            self._drop_now(request)  # the client sees a disconnect, as with a proxy that cut the connection
+        return answer
+
+
+def test_an_operator_sleep_answers_what_the_engine_did(start_gateway: GatewayFactory) -> None:
+    with SleepAnswerVLLM(["llama-3.2-8b"], sleep_mode=True) as engine:
+        gw = start_gateway({"gpu": {"memory": "16GiB"}, "backends": {"v": {
+            "url": engine.url, "protocol": "vllm", "models": ["llama-3.2-8b"],
+            "lifecycle": {"driver": "vllm-sleep", "memory": "6GiB", "sleeping_memory": "1GiB"}}}})
+        with httpx.Client(base_url=gw.url, timeout=30) as http:
+            dropped = http.post("/admin/gpu/v/sleep", json={})
+            assert (dropped.status_code, dropped.json()["state"]) == (200, "asleep")
+            assert engine.is_sleeping
+            assert http.post("/admin/gpu/v/wake", json={}).json()["state"] == "resident"
+            engine.sleep_answer = "fail"
+            failed = http.post("/admin/gpu/v/sleep", json={})
+            assert failed.status_code == 502 and failed.json()["error"]["code"] == "bad_gateway"
+            assert "Internal Server Error" not in failed.text
+            assert not engine.is_sleeping
+            assert _gpu(gw)["used"] == 6 * GiB  # still counted in full
+            chat = http.post("/v1/chat/completions", json={"model": "llama-3.2-8b", "messages": MESSAGES})
+            assert chat.status_code == 200
+        assert engine.requests_while_sleeping == 0

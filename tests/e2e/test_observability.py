@@ -55,8 +55,8 @@ def test_one_access_log_line_per_request(start_gateway: GatewayFactory, vllm: Fa
     assert fields["request_id"] == raw.headers["x-request-id"]
     usage = raw.parse().usage
     assert usage is not None
-    assert {k: fields[k] for k in ("model", "route", "backend", "upstream_model", "status", "retries",
+    assert {k: fields[k] for k in ("model", "source", "route", "backend", "upstream_model", "status", "retries",
                                    "tokens_in", "tokens_out")} == {
-        "model": "chat", "route": "exact", "backend": "v", "upstream_model": "llama-3.2-8b", "status": 200,
-        "retries": 0, "tokens_in": usage.prompt_tokens, "tokens_out": usage.completion_tokens}
+        "model": "chat", "source": "exact", "route": "chat", "backend": "v", "upstream_model": "llama-3.2-8b",
+        "status": 200, "retries": 0, "tokens_in": usage.prompt_tokens, "tokens_out": usage.completion_tokens}
     assert fields["latency_ms"] > 0

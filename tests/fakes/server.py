@@ -16,9 +16,11 @@ T = TypeVar("T")
 class BackgroundServer:
     """Serve one aiohttp Application on 127.0.0.1:<free port> from a daemon thread."""
 
-    def __init__(self, app: web.Application, *, shutdown_timeout: float = 0.5) -> None:
+    def __init__(self, app: web.Application, *, shutdown_timeout: float = 0.5,
+                 make_runner: Callable[[web.Application], web.AppRunner] | None = None) -> None:
         self.app = app
         self.shutdown_timeout = shutdown_timeout
+        self.make_runner = make_runner
         self.url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -64,9 +66,12 @@ class BackgroundServer:
 
     async def _serve(self) -> int:
         # handler_cancellation: a client that goes away cancels its handler, as in uvicorn/vLLM.
-        runner = web.AppRunner(
-            self.app, shutdown_timeout=self.shutdown_timeout, handler_cancellation=True, access_log=None
-        )
+        if self.make_runner is not None:  # the product's own runner, settings and all
+            runner = self.make_runner(self.app)
+        else:
+            runner = web.AppRunner(
+                self.app, shutdown_timeout=self.shutdown_timeout, handler_cancellation=True, access_log=None
+            )
         await runner.setup()
         self._runner = runner
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -13,7 +13,7 @@ from synapse_gateway.cli import main
 def test_check_ok_and_warnings(tmp_path: Path) -> None:
     path = tmp_path / "litellm.yaml"
     path.write_text("model_list:\n  - model_name: m\n    litellm_params: {model: openai/m, api_base: "
-                    "'http://h:1/v1', api_key: k}\ngeneral_settings: {master_key: x}\n")
+                    "'http://h:1/v1', api_key: k}\ngeneral_settings: {master_key: x, database_url: y}\n")
     result = CliRunner().invoke(main, ["check", str(path)])
     assert result.exit_code == 0
     assert f"{path}:4: warning: general_settings" in result.output

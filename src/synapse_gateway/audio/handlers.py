@@ -7,10 +7,11 @@ import logging
 import time
 from concurrent.futures import Future
 
-import orjson
 from aiohttp import web
 
 from ..errors import InvalidRequest
+from ..web.middleware import STARTED, request_id_of
+from ..web.responses import json_response
 from .encode import SPEECH_FORMATS, speech_encoder
 from .engine import ENGINE_KEY, AudioEngine
 from .formats import render_transcript
@@ -19,12 +20,6 @@ from .stt import Task, decode_upload
 from .tts import SpeechJob
 
 log = logging.getLogger("synapse.audio")
-REQUEST_ID = web.RequestKey("request_id", str)
-STREAMING = web.RequestKey("streaming", bool)
-
-
-def _json(body: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 class AudioApi:
@@ -59,7 +54,7 @@ class AudioApi:
             transcript = await engine.run(whisper.transcribe, audio, form.options)
         now = time.perf_counter()
         log.info("%s %s: %.2fs of audio in %.2fs", task, resident.name, transcript.duration, now - started,
-                 extra={"fields": {"request_id": request[REQUEST_ID], "model": resident.name,
+                 extra={"fields": {"request_id": request_id_of(request), "model": resident.name,
                                    "audio_s": round(transcript.duration, 3), "total_s": round(now - started, 3),
                                    "rtf": round((now - began) / max(transcript.duration, 1e-6), 4)}})
         body, content_type = render_transcript(transcript, form.response_format)
@@ -78,7 +73,7 @@ class AudioApi:
             response = await self._stream(request, job, SPEECH_FORMATS[speech.response_format].content_type)
             seconds = job.samples / voice.sample_rate
             log.info("spoke %.2fs of audio with %s in %.2fs", seconds, resident.name, time.perf_counter() - started,
-                     extra={"fields": {"request_id": request[REQUEST_ID], "voice": resident.name,
+                     extra={"fields": {"request_id": request_id_of(request), "voice": resident.name,
                                        "format": speech.response_format, "sentences": job.sentences}})
             return response
 
@@ -93,7 +88,7 @@ class AudioApi:
             response = web.StreamResponse(headers={"Content-Type": content_type})
             response.enable_chunked_encoding()
             await response.prepare(request)  # only now: errors until here get a proper status
-            request[STREAMING] = True
+            request[STARTED] = True
             while True:
                 pending = None if done else self._step(job)
                 if data:  # a codec may hold a sentence back (an Ogg page not full yet)
@@ -117,8 +112,8 @@ class AudioApi:
         created = int(self.engine.started_at)
         data = [{"id": name, "object": "model", "created": created, "owned_by": "synapse-audio"}
                 for name in self.engine.model_ids()]
-        return _json({"object": "list", "data": data})
+        return json_response({"object": "list", "data": data})
 
     async def health(self, request: web.Request) -> web.Response:
         """GET /health: which models are loaded, in use, and how long each has been idle."""
-        return _json(self.engine.health())
+        return json_response(self.engine.health())

@@ -262,6 +262,15 @@ class ServerConfig(_Strict):
     max_upload_size: Size = Field(25 * 1000 * 1000, gt=0)
     drain_timeout: Duration = Field(30.0, ge=0)
     shutdown_delay: Duration = Field(0.0, ge=0)
+    # Slow clients: a request head must arrive within header_timeout (also how long an idle
+    # keep-alive connection is kept), and a body with no more than body_idle_timeout between chunks
+    # and body_timeout in all.
+    header_timeout: Duration = Field(60.0, gt=0)
+    body_idle_timeout: Duration = Field(60.0, gt=0)
+    body_timeout: Duration = Field(600.0, gt=0)
+    # A non-streamed answer is read whole before it is relayed; this bounds what one answer may hold.
+    max_response_size: Size = Field(256 * 1024 * 1024, gt=0)
+    max_connections_per_backend: int = Field(1024, ge=1)
     access_log: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -1,16 +1,20 @@
-"""Server-sent events relayed chunk by chunk, and the token usage read from the end of a stream."""
+"""Answers relayed to the client chunk by chunk, and the token usage read from the end of a stream."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from .accesslog import RequestRecord
-from .errors import BackendTimeout, BadGateway, GatewayError, error_event
+from ..accesslog import RequestRecord
+from ..backends import Backend
+from ..errors import BackendTimeout, BadGateway, GatewayError, error_event
+from ..web.middleware import STARTED
+from ..web.responses import SSE_HEADERS
+from .upstream import mapped_errors
 
 _TAIL_BYTES = 8192
 
@@ -26,7 +30,7 @@ class UsageTail:
     def feed(self, chunk: bytes) -> None:
         self.tail = (self.tail + chunk)[-_TAIL_BYTES:]
 
-    def usage(self) -> dict[str, int] | None:
+    def usage(self) -> dict[str, Any] | None:
         """The last `usage` object in the tail, if the backend sent one (stream_options.include_usage)."""
         for event in reversed(self.tail.split(b"\n\n")):
             start = event.find(b"data: {")
@@ -39,6 +43,18 @@ class UsageTail:
             if isinstance(usage, dict):
                 return usage
         return None
+
+
+def record_usage(record: RequestRecord, usage: object) -> None:
+    """Keep the token counts of a `usage` object, only when they are non-negative integers."""
+    if not isinstance(usage, dict):
+        return
+    record.tokens_in = _count(usage.get("prompt_tokens"))
+    record.tokens_out = _count(usage.get("completion_tokens"))
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 class IdleWatchdog:
@@ -70,30 +86,34 @@ class IdleWatchdog:
 
 
 async def relay(request: web.Request, upstream: aiohttp.ClientResponse, first_chunk: bytes,
-                response: web.StreamResponse, record: RequestRecord, idle_timeout: float) -> None:
+                response: web.StreamResponse, record: RequestRecord, backend: Backend) -> None:
     """Copy the upstream body to the client as it arrives.
 
     A failed event stream ends with an error event; any other failed stream (audio) is cut off, so
     that the client sees an incomplete body rather than a truncated file that looks whole.
     """
     sse = upstream.content_type == "text/event-stream"
-    await response.prepare(request)
+    if not response.prepared:
+        await response.prepare(request)
+    request[STARTED] = True
     tail = UsageTail()
     chunk = first_chunk
     failure: GatewayError | None = None
-    watchdog = IdleWatchdog(upstream.content, idle_timeout)
+    idle = backend.timeouts.stream_idle
+    watchdog = IdleWatchdog(upstream.content, idle)
     try:
         while chunk:
             await response.write(chunk)
             if sse:
                 tail.feed(chunk)
             try:
-                chunk = await upstream.content.readany()
-            except TimeoutError:  # the watchdog, or the client's read timeout (also a TimeoutError)
-                failure = BackendTimeout(f"backend {record.backend} sent nothing for {idle_timeout:g}s")
+                with mapped_errors(backend, "the stream"):
+                    chunk = await upstream.content.readany()
+            except BackendTimeout:  # the watchdog, or the client's read timeout
+                failure = BackendTimeout(f"backend {backend.name} sent nothing for {idle:g}s")
                 break
-            except aiohttp.ClientError:
-                failure = BadGateway(f"backend {record.backend} dropped the stream")
+            except GatewayError:
+                failure = BadGateway(f"backend {backend.name} dropped the stream")
                 break
             watchdog.touch()
         if failure is not None:
@@ -107,47 +127,21 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse, first_ch
         await response.write_eof()
     finally:
         watchdog.cancel()
-        _record_usage(record, tail)
+        if not upstream.headers.get("Content-Encoding"):
+            record_usage(record, tail.usage())
 
 
-def _record_usage(record: RequestRecord, tail: UsageTail) -> None:
-    usage = tail.usage()
-    if usage is not None:
-        record.tokens_in = usage.get("prompt_tokens")
-        record.tokens_out = usage.get("completion_tokens")
+def event_stream_response(headers: dict[str, str], status: int = 200) -> web.StreamResponse:
+    """An SSE answer's head: unbuffered all the way to the client."""
+    return web.StreamResponse(status=status, headers={**headers, **SSE_HEADERS})
 
 
-async def start_event_stream(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
-    """Start an SSE answer before the backend has said anything (its status is then always 200)."""
-    response = web.StreamResponse(status=200, headers=headers)
-    response.headers["Content-Type"] = "text/event-stream"
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    await response.prepare(request)
-    return response
-
-
-async def keep_alive_while(response: web.StreamResponse, waiting: Awaitable[None], interval: float,
-                           note: str) -> None:
-    """Await `waiting`, writing an SSE comment line every `interval` seconds until it is done."""
-    task = asyncio.ensure_future(waiting)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=interval)
-            if done:
-                task.result()
-                return
-            await response.write(f": {note}\n\n".encode())
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-
-async def end_event_stream(response: web.StreamResponse, error: GatewayError,
+async def end_event_stream(request: web.Request, response: web.StreamResponse, error: GatewayError,
                            record: RequestRecord) -> web.StreamResponse:
     """End a started SSE answer with an error event (nothing else can be said once it has begun)."""
     record.status, record.error = 200, error.message
+    if not response.prepared:
+        await response.prepare(request)
     await response.write(error_event(error))
     await response.write_eof()
     return response
