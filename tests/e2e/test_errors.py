@@ -107,7 +107,7 @@ def test_a_crashing_backend_does_not_disturb_other_requests(start_gateway: Gatew
         for _ in range(3):
             bad = http.post("/v1/chat/completions", json={"model": "bad", "messages": MESSAGES, "stream": True})
             good = http.post("/v1/chat/completions", json={"model": "good", "messages": MESSAGES})
-            assert bad.status_code in {502, 503}
+            assert bad.status_code == 502
             assert good.status_code == 200
 
 
