@@ -128,7 +128,7 @@ async def test_failures_tell_clients_little_and_operators_more_without_secrets(
     status = engine.status()
     await engine.stop()
     client_message = str(failed.value)
-    assert client_message == "engine slow did not become ready within 1s (startup_timeout)"
+    assert client_message == engine.failure == "engine slow did not become ready within 1s (startup_timeout)"
     operator = failed.value.detail + " " + str(status)
     assert f"127.0.0.1:{port}/health" in operator and "loading with key ***" in operator
     assert SECRET not in operator and "hunter22" not in operator

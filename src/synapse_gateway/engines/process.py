@@ -113,6 +113,14 @@ class ManagedEngine:
         """Whether the first start has succeeded or failed (for a readiness check that must not wait)."""
         return self._settled.is_set()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine last failed, in words safe for anyone (no output, URL or arguments); None if serving.
+
+        `last_error` says more, for operators (/admin/engines and the log).
+        """
+        return self._failure
+
     async def wait_ready(self, timeout: float) -> None:
         """Wait until the engine answers its health check; EngineFailed if it cannot within `timeout`.
 
