@@ -131,7 +131,7 @@ class Api:
                              "error": b.last_error, "in_flight": b.in_flight,
                              "models": sorted(b.discovered or b.static_models)}
                     for b in gateway.backends.values()}
-        engines = {e.name: {"state": str(e.state), "error": e.last_error} for e in gateway.engines}
+        engines = {e.name: {"state": str(e.state), "error": e.failure} for e in gateway.engines}
         failed = sorted(e.name for e in gateway.boot_engines if e.is_settled and not e.ready.is_set())
         body = {"backends": backends, "engines": engines, "failed_engines": failed}
         if gateway.draining:

@@ -21,7 +21,7 @@ from .config import LoadedConfig
 from .config.schema import ServerConfig
 from .defaults import DEFAULT_SOURCE
 from .discovery import Catalog
-from .engines.process import ManagedEngine
+from .engines.process import Liveness, ManagedEngine
 from .forwarding.admission import Admission
 from .forwarding.proxy import Proxy
 from .metrics import Metrics
@@ -65,9 +65,11 @@ class Gateway:
         for name, backend_config in config.backends.items():
             if backend_config.managed is not None:
                 backend = backends[name]
-                backend.engine = ManagedEngine(name, backend_config.managed,
-                                               backend.health_url(backend_config.managed.health), session,
-                                               on_ready=functools.partial(catalog.probe, backend))
+                managed = backend_config.managed
+                backend.engine = ManagedEngine(name, managed, backend.health_url(managed.health), session,
+                                               on_ready=functools.partial(catalog.probe, backend),
+                                               liveness=Liveness(managed.health_interval, managed.health_timeout,
+                                                                 managed.health_failures))
                 engines.append(backend.engine)
         gpu = None
         if config.gpu is not None:

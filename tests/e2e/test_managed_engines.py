@@ -191,3 +191,24 @@ def test_no_worker_is_orphaned_when_the_gateway_is_killed(tmp_path: Path) -> Non
         _wait(lambda: not _alive(worker), 5, "the engine's worker to die with the gateway")
     finally:
         gateway.stop()
+
+
+def test_a_hung_engine_is_restarted_by_the_gateways_health_settings(start_gateway: GatewayFactory,
+                                                                     tmp_path: Path) -> None:
+    """`health_interval`/`health_failures` from the config reach the engine: a hung one is restarted."""
+    port, hang = free_port(), tmp_path / "hang"
+    gw = start_gateway({"backends": {"chatty": {
+        "url": f"http://127.0.0.1:{port}",
+        "managed": {"command": [sys.executable, CHATTY, "--port", str(port), "--hang-file", str(hang)],
+                    "startup_timeout": 30, "health_interval": "0.2s", "health_timeout": "0.5s",
+                    "health_failures": 2, "backoff_initial": "0.1s"},
+    }}})
+    with gw.client() as client:
+        assert client.chat.completions.create(model="chatty", messages=MESSAGES).choices
+        hang.touch()  # from now on this copy answers nothing, though its process still runs
+        deadline = time.monotonic() + 20
+        while gw.gateway.engines[0].restarts == 0:
+            assert time.monotonic() < deadline, gw.gateway.engines[0].status()
+            time.sleep(0.05)
+        completion = client.chat.completions.create(model="chatty", messages=MESSAGES, timeout=30)
+    assert completion.choices[0].message.content == "hello from chatty"

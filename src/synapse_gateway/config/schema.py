@@ -51,6 +51,11 @@ class ManagedConfig(_Strict):
     backoff_initial: Duration = Field(1.0, gt=0)
     backoff_max: Duration = Field(30.0, gt=0)
     stop_grace: Duration = Field(10.0, ge=0)
+    # Once ready, the engine's health is probed every health_interval; health_failures misses in a
+    # row (while it prints nothing either) restart it, so a hung engine cannot look ready for ever.
+    health_interval: Duration = Field(10.0, gt=0)
+    health_timeout: Duration = Field(10.0, gt=0)
+    health_failures: int = Field(3, ge=1)
 
     @field_validator("command", mode="before")
     @classmethod
