@@ -9,15 +9,17 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from openai.types.chat import ChatCompletionMessageParam
 
 from synapse_gateway.localstack.llama import llama_server_binary, llama_server_command
+from synapse_gateway.web.serve import free_port
 from tests.conftest import GatewayFactory
 from tests.engines.fixtures import require_engine
 from tests.fakes.vllm import FakeVLLM
-from tests.gateway_harness import ThreadGateway, free_port
+from tests.gateway_harness import ThreadGateway
 
 GiB = 2**30
-MESSAGES = [{"role": "user", "content": "Hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 
 
 def _gpu(gw: ThreadGateway) -> dict[str, Any]:

@@ -123,8 +123,9 @@ class RedisCoordinator:
     async def close(self) -> None:
         """Stop the heartbeat, withdraw this replica's in-flight counts, close the pool; bounded, and idempotent.
 
-        The heartbeat stops on an event rather than by cancellation alone: a cancellation that a client
-        library swallows would otherwise leave `close` waiting for ever.
+        The heartbeat stops on an event rather than by cancellation: on Python 3.11, `asyncio.wait_for`
+        (which redis-py uses to send each command under `socket_timeout`) drops a cancellation that
+        arrives as the send completes, and the heartbeat then slept on, leaving `close` waiting for ever.
         """
         if self._stopping.is_set():
             return

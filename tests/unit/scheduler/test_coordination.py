@@ -14,7 +14,9 @@ from typing import Protocol
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
 
+from synapse_gateway.config.schema import GpuConfig
 from synapse_gateway.scheduler.coordination import (
     Coordinator,
     CoordinatorUnavailable,
@@ -23,11 +25,15 @@ from synapse_gateway.scheduler.coordination import (
     LocalCoordinator,
     StaleToken,
 )
+from synapse_gateway.scheduler.metrics import SchedulerMetrics
 from synapse_gateway.scheduler.redis_coordination import RedisCoordinator
+from synapse_gateway.scheduler.scheduler import Scheduler
+from tests.unit.scheduler.simulated import SimDriver, SimGpu, sim_unit
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
 ENV_REQUIRE = "SYNAPSE_REQUIRE_SERVICES"
+GiB = 2**30
 
 # Another replica in its own process, so it can really die (SIGKILL) or stall (SIGSTOP) holding the lease.
 CHILD = """
@@ -345,9 +351,10 @@ async def test_close_returns_even_if_the_heartbeat_loses_a_cancellation(prefix: 
     replica = RedisCoordinator(REDIS_URL, replica="a", prefix=prefix, in_flight_ttl=0.3, close_timeout=1.0)
     await replica.connect()
     await replica.report_in_flight("llama", 1)
-    put = replica._put_in_flight
+    put, inside = replica._put_in_flight, asyncio.Event()
 
     async def swallowing(unit: str, count: int) -> None:
+        inside.set()
         try:
             await put(unit, count)
             await asyncio.sleep(0.2)
@@ -355,6 +362,32 @@ async def test_close_returns_even_if_the_heartbeat_loses_a_cancellation(prefix: 
             pass
 
     replica._put_in_flight = swallowing  # type: ignore[method-assign]
-    await asyncio.sleep(0.35)  # the heartbeat (every 0.1s) is now mostly inside `swallowing`
+    await asyncio.wait_for(inside.wait(), timeout=5)  # the heartbeat is refreshing the count right now
     await asyncio.wait_for(replica.close(), timeout=5)
     await replica.close()  # twice is harmless
+
+
+async def test_a_wake_is_abandoned_when_the_redis_lease_is_lost_and_done_again(replicas: StartReplica,
+                                                                               prefix: str) -> None:
+    a, b = await replicas("a", lease_ttl=0.6), await replicas("b", acquire_timeout=3.0)
+    gpu = SimGpu(capacity=16 * GiB)
+    driver = SimDriver("llama", gpu, memory=8 * GiB, wake_delay=2.0)
+    settings = GpuConfig.model_validate({"memory": 16 * GiB, "max_wait": 30, "nvml": False})
+    scheduler = Scheduler(settings, [sim_unit(driver)], a, SchedulerMetrics(CollectorRegistry()))
+    scheduler.poll_interval = 0.05
+    await scheduler.start()
+    acquiring = asyncio.create_task(scheduler.acquire(scheduler.units["llama"]))
+    await asyncio.sleep(0.3)  # the wake is under way
+    raw = aioredis.Redis.from_url(REDIS_URL)
+    try:  # as if this replica stalled past its ttl and another replica took the device
+        await raw.delete(f"{prefix}:lease:gpu0")
+    finally:
+        await raw.aclose()
+    async with b.lease("gpu0"):
+        await asyncio.sleep(0.5)  # long enough for a's renewal to find the lease gone
+    await asyncio.wait_for(acquiring, timeout=10)
+    scheduler.release(scheduler.units["llama"])
+    assert driver.wakes == 1, "the first wake was abandoned, the second done under a fresh lease"
+    assert (await a.snapshot())["llama"]["state"] == "resident"
+    assert gpu.violations == []
+    await scheduler.stop()
