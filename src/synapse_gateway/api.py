@@ -16,7 +16,8 @@ from .gateway import GATEWAY_KEY, Gateway
 from .metrics import CONTENT_TYPE
 from .scheduler.gpu import Gpu
 from .upload import MultipartUpload
-from .web.middleware import request_id_of
+from .web.errors import REQUEST_ID, request_id_of
+from .web.requestid import request_id
 from .web.responses import json_response
 
 JSON_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/audio/speech")
@@ -26,11 +27,14 @@ RECORD = web.RequestKey("record", RequestRecord)
 BodyReader = Callable[[web.Request, RequestRecord, BodyDeadline], Awaitable[tuple[str, BodyFor]]]
 
 
-async def stamp_backend(request: web.Request, response: web.StreamResponse) -> None:
-    """Every response names the backend that answered it ("none" when no backend did)."""
-    if "x-synapse-backend" not in response.headers:
+async def stamp_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response names its request id and the backend that answered it ("none" when no backend did)."""
+    headers = response.headers
+    if "x-request-id" not in headers:
+        headers["x-request-id"] = request_id_of(request)
+    if "x-synapse-backend" not in headers:
         record = request.get(RECORD)
-        response.headers["x-synapse-backend"] = (record.backend if record else None) or "none"
+        headers["x-synapse-backend"] = (record.backend if record else None) or "none"
 
 
 class Api:
@@ -38,10 +42,15 @@ class Api:
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
+        self._gateway: Gateway | None = None
 
     @property
     def gateway(self) -> Gateway:
-        return self.app[GATEWAY_KEY]
+        """The gateway the app's lifespan built (looked up once: handlers read it on every request)."""
+        gateway = self._gateway
+        if gateway is None:  # an app is started once, so its gateway never changes
+            gateway = self._gateway = self.app[GATEWAY_KEY]
+        return gateway
 
     async def inference(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/audio/speech: JSON, routed by model."""
@@ -53,22 +62,21 @@ class Api:
 
     async def _read_json(self, request: web.Request, record: RequestRecord,
                          deadline: BodyDeadline) -> tuple[str, BodyFor]:
-        payload, raw = await read_json_body(request, self.gateway.loaded.config.server.max_body_size, deadline)
+        payload, raw = await read_json_body(request, self.gateway.settings.max_body_size, deadline)
         record.stream = bool(payload.get("stream"))
         return payload["model"], JsonBody(payload, raw)
 
     async def _read_upload(self, request: web.Request, record: RequestRecord,
                            deadline: BodyDeadline) -> tuple[str, BodyFor]:
-        upload = await MultipartUpload.read_head(request, self.gateway.loaded.config.server.max_upload_size,
-                                                 deadline)
+        upload = await MultipartUpload.read_head(request, self.gateway.settings.max_upload_size, deadline)
         return upload.model, upload
 
     async def _handle(self, request: web.Request, read: BodyReader) -> web.StreamResponse:
-        """Read, resolve, forward; the error middleware renders failures, this records them."""
+        """Read, resolve, forward; the error layer renders failures, this records them."""
         gateway = self.gateway
-        settings = gateway.loaded.config.server
-        record = request[RECORD] = RequestRecord(request_id_of(request), request.method, request.path,
-                                                 time.perf_counter())
+        settings = gateway.settings
+        rid = request[REQUEST_ID] = request_id(request)
+        record = request[RECORD] = RequestRecord(rid, request.method, request.path, time.perf_counter())
         try:
             deadline = BodyDeadline(idle=settings.body_idle_timeout, total=settings.body_timeout)
             model, body_for = await read(request, record, deadline)

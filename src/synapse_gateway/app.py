@@ -1,37 +1,50 @@
-"""Builds the gateway's aiohttp application: middleware, the route table, and the lifespan."""
+"""Builds the gateway's aiohttp application: the route table, each route with its guard and error layer."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from .api import JSON_PATHS, UPLOAD_PATHS, Api, stamp_backend
-from .auth import access_middleware
+from .api import JSON_PATHS, UPLOAD_PATHS, Api, stamp_response
+from .auth import local_only, requiring_key
 from .config import LoadedConfig
 from .gateway import lifespan
-from .web.middleware import add_fallback_routes, errors, stamp_request_id
+from .web.errors import Guard, Handler, add_fallback_routes, rendering_errors
 
 
 def create_app(loaded: LoadedConfig) -> web.Application:
-    """The gateway as an aiohttp app; its shared parts are built when the app starts."""
+    """The gateway as an aiohttp app; its shared parts are built when the app starts.
+
+    Access: with a master key, every route but health needs it; without one, only the admin routes
+    are guarded (this machine only), and inference pays for no check at all.
+    """
     config = loaded.config
-    app = web.Application(client_max_size=config.server.max_body_size, handler_args={"max_field_size": 16384},
-                          middlewares=[errors, access_middleware(config.auth.master_key)])
+    master_key = config.auth.master_key
+    keyed: Guard = requiring_key(master_key) if master_key else _unguarded
+    admin: Guard = keyed if master_key else local_only
+    app = web.Application(client_max_size=config.server.max_body_size, handler_args={"max_field_size": 16384})
     app.cleanup_ctx.append(lifespan(loaded))
-    app.on_response_prepare.append(stamp_request_id)
-    app.on_response_prepare.append(stamp_backend)
+    app.on_response_prepare.append(stamp_response)
     api = Api(app)
     routes = app.router
+
+    def add(method: str, path: str, handler: Handler, guard: Guard) -> None:
+        routes.add_route(method, path, rendering_errors(guard(handler)))
+
     for path in JSON_PATHS:
-        routes.add_post(path, api.inference)
+        add("POST", path, api.inference, keyed)
     for path in UPLOAD_PATHS:
-        routes.add_post(path, api.upload)
-    routes.add_get("/v1/models", api.list_models, allow_head=False)
-    routes.add_get("/v1/models/{model:.+}", api.get_model, allow_head=False)
-    routes.add_get("/health/live", api.live, allow_head=False)
-    routes.add_get("/health/ready", api.ready, allow_head=False)
-    routes.add_get("/metrics", api.metrics, allow_head=False)
-    routes.add_get("/admin/engines", api.engines, allow_head=False)
-    routes.add_get("/admin/gpu", api.gpu_status, allow_head=False)
-    routes.add_post("/admin/gpu/{unit:.+}/{action:wake|sleep}", api.gpu_action)
-    add_fallback_routes(app, "see the README for the API")
+        add("POST", path, api.upload, keyed)
+    add("GET", "/v1/models", api.list_models, keyed)
+    add("GET", "/v1/models/{model:.+}", api.get_model, keyed)
+    add("GET", "/health/live", api.live, _unguarded)
+    add("GET", "/health/ready", api.ready, _unguarded)
+    add("GET", "/metrics", api.metrics, keyed)
+    add("GET", "/admin/engines", api.engines, admin)
+    add("GET", "/admin/gpu", api.gpu_status, admin)
+    add("POST", "/admin/gpu/{unit:.+}/{action:wake|sleep}", api.gpu_action, admin)
+    add_fallback_routes(app, "see the README for the API", keyed)
     return app
+
+
+def _unguarded(handler: Handler) -> Handler:
+    return handler

@@ -7,15 +7,15 @@ driving the admin routes of a gateway on localhost.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 
 from aiohttp import web
 
 from .errors import Forbidden, Unauthorized
-from .web.middleware import Handler, Middleware
+from .web.errors import Guard, Handler
 
-_OPEN_PREFIXES = ("/health/",)
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -28,26 +28,34 @@ def presented_key(request: web.Request) -> str | None:
     return request.headers.get("x-api-key") or request.headers.get("api-key") or None
 
 
-def access_middleware(master_key: str | None) -> Middleware:
-    """Every route but health needs the master key when one is set; admin routes stay local otherwise."""
-    secret = master_key.encode() if master_key else None
+def requiring_key(master_key: str) -> Guard:
+    """A guard for every route but health: the master key, compared in constant time."""
+    secret = master_key.encode()
 
-    @web.middleware
-    async def check_access(request: web.Request, handler: Handler) -> web.StreamResponse:
-        path = request.path
-        if path.startswith(_OPEN_PREFIXES):
-            return await handler(request)
-        if secret is not None:
+    def guard(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def check_key(request: web.Request) -> web.StreamResponse:
             key = presented_key(request)
             if key is None:
                 raise Unauthorized("this gateway needs an API key: send `Authorization: Bearer <key>`")
             if not hmac.compare_digest(key.encode(), secret):
                 raise Unauthorized("the API key is not valid for this gateway")
-        elif path.startswith("/admin/"):
-            _only_from_this_machine(request)
+            return await handler(request)
+
+        return check_key
+
+    return guard
+
+
+def local_only(handler: Handler) -> Handler:
+    """An admin route of a gateway without a master key: it answers only this machine (see below)."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        _only_from_this_machine(request)
         return await handler(request)
 
-    return check_access
+    return guarded
 
 
 def _only_from_this_machine(request: web.Request) -> None:

@@ -46,20 +46,26 @@ class BodyDeadline:
     """Bounds reading a client body: at most `idle` seconds between chunks and `total` seconds in all.
 
     A client that trickles its body would otherwise hold a connection, and a GPU unit's in-flight
-    count, for as long as it likes.
+    count, for as long as it likes. The clock starts at the first read that has to wait: a body
+    that is already here (the usual case) costs no timer at all.
     """
 
-    __slots__ = ("_deadline", "_idle", "_loop", "total")
+    __slots__ = ("_deadline", "_idle", "total")
 
     def __init__(self, *, idle: float, total: float) -> None:
-        self._loop = asyncio.get_running_loop()
         self._idle = idle
         self.total = total
-        self._deadline = self._loop.time() + total
+        self._deadline: float | None = None
 
     async def read(self, content: aiohttp.StreamReader) -> bytes:
         """The next chunk of `content` (b"" at its end), or 408 when the client is too slow."""
-        budget = min(self._idle, self._deadline - self._loop.time())
+        buffered = content.read_nowait()
+        if buffered or content.at_eof():
+            return buffered
+        now = asyncio.get_running_loop().time()
+        if self._deadline is None:
+            self._deadline = now + self.total
+        budget = min(self._idle, self._deadline - now)
         if budget <= 0:
             raise RequestTimeout(f"the request body took longer than {self.total:g}s to arrive")
         try:
@@ -75,11 +81,18 @@ async def read_json_body(request: web.Request, limit: int, deadline: BodyDeadlin
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    raw = bytearray()
-    while chunk := await deadline.read(request.content):
-        raw += chunk
-        if len(raw) > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+    content = request.content
+    if content.is_eof():  # the whole body is already here (a small JSON body, usually): take it at once
+        raw = content.read_nowait()
+    else:
+        buffer = bytearray()
+        while chunk := await deadline.read(content):
+            buffer += chunk
+            if len(buffer) > limit:
+                break
+        raw = bytes(buffer)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object", code="invalid_json")
     try:
@@ -92,7 +105,7 @@ async def read_json_body(request: web.Request, limit: int, deadline: BodyDeadlin
     stream = payload.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("`stream` must be true or false", param="stream", code="invalid_type")
-    return payload, bytes(raw)
+    return payload, raw
 
 
 def check_model_name(model: object) -> None:

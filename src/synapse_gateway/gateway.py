@@ -51,6 +51,7 @@ class Gateway:
     boot_engines: list[ManagedEngine]
     draining: bool = False
     ready: bool = False
+    settings: ServerConfig = field(init=False)
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -80,6 +81,9 @@ class Gateway:
         access_log = AccessLog(sys.stderr.buffer if config.server.access_log else None)
         boot = [b.engine for b in backends.values() if b.engine is not None and not managed_by_scheduler(b)]
         return cls(loaded, backends, catalog, proxy, metrics, session, access_log, gpu, engines, boot)
+
+    def __post_init__(self) -> None:
+        self.settings = self.loaded.config.server  # read on every request: one attribute, not three
 
     @property
     def engines_settled(self) -> bool:

@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from aiohttp import web
 
 from ..errors import InvalidRequest
-from ..web.middleware import STARTED, request_id_of
+from ..web.errors import STARTED, request_id_of
 from ..web.responses import json_response
 from .encode import SPEECH_FORMATS, speech_encoder
 from .engine import ENGINE_KEY, AudioEngine

@@ -8,8 +8,7 @@ here, so the attempt loop never learns what it waited for.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
 
 from ..balancer import Target
@@ -127,12 +126,36 @@ class Admission:
         if engine is not None:
             engine.notice_refused()
 
-    @contextlib.asynccontextmanager
-    async def hold(self, target: Target, heartbeat: Heartbeat | None = None) -> AsyncIterator[None]:
-        """Enter every gate in order; leave them in reverse, whatever way the attempt ends."""
-        async with contextlib.AsyncExitStack() as held:
+    def hold(self, target: Target, heartbeat: Heartbeat | None = None) -> Held:
+        """`async with admission.hold(target):` enters every gate in order and leaves them in reverse,
+        whatever way the attempt ends."""
+        return Held(self.gates, target, heartbeat)
+
+
+class Held:
+    """The gates one attempt holds (a plain class, not a generator: it is entered on every request)."""
+
+    __slots__ = ("gates", "heartbeat", "releases", "target")
+
+    def __init__(self, gates: tuple[Gate, ...], target: Target, heartbeat: Heartbeat | None) -> None:
+        self.gates = gates
+        self.target = target
+        self.heartbeat = heartbeat
+        self.releases: list[Release] = []
+
+    async def __aenter__(self) -> None:
+        try:
             for gate in self.gates:
-                release = await gate.enter(target, heartbeat)
+                release = await gate.enter(self.target, self.heartbeat)
                 if release is not None:
-                    held.callback(release)
-            yield
+                    self.releases.append(release)
+        except BaseException:
+            self._release()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        while self.releases:
+            self.releases.pop()()

@@ -16,10 +16,11 @@ from ..body import BodyFor
 from ..errors import BadGateway, GatewayError
 from ..metrics import Metrics
 from ..routing import Resolution
-from ..web.middleware import STARTED
+from ..web.errors import STARTED
 from .admission import Admission
 from .relay import end_event_stream, event_stream_response, record_usage, relay
-from .upstream import client_error, mapped_errors, read_capped, send, status_error
+from .upstream import NOT_AN_ANSWER as _NOT_AN_ANSWER
+from .upstream import TRANSPORT_ERRORS, client_error, read_capped, send, status_error, upstream_error
 
 log = logging.getLogger("synapse.proxy")
 # Answers relayed chunk by chunk as they arrive; anything else (JSON, text) is read whole first.
@@ -134,10 +135,12 @@ class Proxy:
                       answer: _Answer) -> web.StreamResponse:
         """Relay what the backend answered, or raise the error it amounts to."""
         backend = target.backend
-        error = await status_error(upstream, backend)
-        if error is not None:
-            raise error
-        if upstream.status != 200 or not upstream.content_type.startswith(_STREAMED_TYPES):
+        content_type = upstream.content_type
+        if upstream.status != 200 or content_type.startswith(_NOT_AN_ANSWER):  # the usual 200 skips this
+            error = await status_error(upstream, backend)
+            if error is not None:
+                raise error
+        if upstream.status != 200 or not content_type.startswith(_STREAMED_TYPES):
             data = await read_capped(upstream, backend, self.max_response_size)
             rejected = client_error(upstream.status, data, backend) if upstream.status >= 400 else None
             if rejected is not None:
@@ -146,8 +149,10 @@ class Proxy:
             if answer.response is not None:
                 return await _into_started_stream(answer, upstream.status, data)
             return _buffered_response(record, upstream, data)
-        with mapped_errors(backend, "the first byte"):
+        try:
             first = await upstream.content.readany()
+        except TRANSPORT_ERRORS as exc:
+            raise upstream_error(backend, "the first byte", exc) from exc
         if not first:
             raise BadGateway(f"backend {backend.name} ended the stream before any data")
         record.first_byte = time.perf_counter()

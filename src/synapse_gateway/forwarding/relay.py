@@ -12,9 +12,9 @@ from aiohttp import web
 from ..accesslog import RequestRecord
 from ..backends import Backend
 from ..errors import BackendTimeout, BadGateway, GatewayError, error_event
-from ..web.middleware import STARTED
+from ..web.errors import STARTED
 from ..web.responses import SSE_HEADERS
-from .upstream import mapped_errors
+from .upstream import TRANSPORT_ERRORS, upstream_error
 
 _TAIL_BYTES = 8192
 
@@ -107,13 +107,13 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse, first_ch
             if sse:
                 tail.feed(chunk)
             try:
-                with mapped_errors(backend, "the stream"):
-                    chunk = await upstream.content.readany()
-            except BackendTimeout:  # the watchdog, or the client's read timeout
-                failure = BackendTimeout(f"backend {backend.name} sent nothing for {idle:g}s")
-                break
-            except GatewayError:
-                failure = BadGateway(f"backend {backend.name} dropped the stream")
+                chunk = await upstream.content.readany()
+            except TRANSPORT_ERRORS as exc:
+                failure = upstream_error(backend, "the stream", exc)
+                if isinstance(failure, BackendTimeout):  # the watchdog, or the client's read timeout
+                    failure = BackendTimeout(f"backend {backend.name} sent nothing for {idle:g}s")
+                else:
+                    failure = BadGateway(f"backend {backend.name} dropped the stream")
                 break
             watchdog.touch()
         if failure is not None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Iterator
 
 import aiohttp
 import orjson
@@ -25,21 +23,21 @@ log = logging.getLogger("synapse.upstream")
 _ERROR_BODY_LIMIT = 64 * 1024
 # What a backend may answer 200 with: JSON, an event stream, audio, or a transcript as plain text.
 # An HTML page (a login portal, an ingress's error page) is never an API answer.
-_NOT_AN_ANSWER = ("text/html",)
+NOT_AN_ANSWER = ("text/html",)
 
 
-@contextlib.contextmanager
-def mapped_errors(backend: Backend, stage: str) -> Iterator[None]:
-    """Turn an aiohttp or timeout failure during `stage` into the gateway's error for it."""
-    try:
-        yield
-    except aiohttp.ClientError as exc:
+# What a backend exchange may raise; `upstream_error` maps each to the gateway's error, in one place.
+# (A try/except at each call site costs nothing when nothing fails, unlike a context manager object.)
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+def upstream_error(backend: Backend, stage: str, exc: BaseException) -> GatewayError:
+    """The gateway's error for an aiohttp or timeout failure while talking to `backend` during `stage`."""
+    if isinstance(exc, aiohttp.ClientError):
         own = _own_cause(exc)
-        if own is None:
-            raise _transport_error(backend, stage, exc) from exc
-        raise own from exc  # the client's body failed while streaming up: the client's error, not the backend's
-    except TimeoutError as exc:
-        raise BackendTimeout(f"backend {backend.name} timed out waiting for {stage}") from exc
+        # The client's body failed while streaming up (a slow upload): the client's error, not the backend's.
+        return own if own is not None else _transport_error(backend, stage, exc)
+    return BackendTimeout(f"backend {backend.name} timed out waiting for {stage}")
 
 
 def _transport_error(backend: Backend, stage: str, exc: aiohttp.ClientError) -> GatewayError:
@@ -68,8 +66,10 @@ def _own_cause(exc: BaseException) -> GatewayError | None:
 async def send(session: aiohttp.ClientSession, backend: Backend, url: str, body: Body,
                headers: dict[str, str]) -> aiohttp.ClientResponse:
     """POST `body` and wait for the response head within the backend's connect and first-byte limits."""
-    with mapped_errors(backend, "the response"):
+    try:
         return await session.post(url, data=body, headers=headers, timeout=backend.client_timeout)
+    except TRANSPORT_ERRORS as exc:
+        raise upstream_error(backend, "the response", exc) from exc
 
 
 async def read_capped(upstream: aiohttp.ClientResponse, backend: Backend, limit: int) -> bytes:
@@ -79,12 +79,16 @@ async def read_capped(upstream: aiohttp.ClientResponse, backend: Backend, limit:
         raise BadGateway(f"backend {backend.name} answered {declared} bytes; the limit for a non-streamed "
                          f"answer is {limit} (server.max_response_size)")
     data = bytearray()
-    with mapped_errors(backend, "the response body"):
+    try:
+        if declared is not None:  # bounded already: aiohttp reads it in one go
+            return await upstream.read()
         while chunk := await upstream.content.readany():
             data += chunk
             if len(data) > limit:
                 raise BadGateway(f"backend {backend.name} answered more than {limit} bytes; the limit for a "
                                  "non-streamed answer is server.max_response_size")
+    except TRANSPORT_ERRORS as exc:
+        raise upstream_error(backend, "the response body", exc) from exc
     return bytes(data)
 
 
@@ -96,7 +100,7 @@ async def status_error(upstream: aiohttp.ClientResponse, backend: Backend) -> Ga
     and answered with a sanitised message.
     """
     status = upstream.status
-    if status < 300 and not upstream.content_type.startswith(_NOT_AN_ANSWER):
+    if status < 300 and not upstream.content_type.startswith(NOT_AN_ANSWER):
         return None
     if 400 <= status < 500 and status not in (401, 403, 407, 429):
         return None  # decided on the body: see `client_error`

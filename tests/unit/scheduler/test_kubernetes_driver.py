@@ -226,6 +226,10 @@ async def test_api_faults_are_lifecycle_errors(
     with pytest.raises(SleepFailed, match="deployment gpu/vllm"):
         await driver.sleep()
     kube.fault = None
+    # A request that hung is released now and may still be applied (a slow API server does that):
+    # give those a moment, then the driver must work again.
+    await asyncio.sleep(0.5)
+    await driver.wake()
     assert await driver.is_resident()
 
 
