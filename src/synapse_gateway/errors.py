@@ -92,6 +92,15 @@ class BadGateway(GatewayError):
     retryable = True
 
 
+class BackendClosed(BadGateway):
+    """A backend closed the connection before it answered anything: an idle keep-alive connection it
+    was closing as the request arrived, or an engine that sheds load by closing (llama.cpp's server
+    does when its queue is full). Worth one more try on the same deployment, not more: an engine
+    that crashes on this very request must not be sent it again and again."""
+
+    code = "backend_closed"
+
+
 class BackendRateLimited(GatewayError):
     """A backend answered 429: another deployment may have room; the last one's Retry-After is kept."""
 

@@ -24,12 +24,18 @@ class Upstream:
 
     def __init__(self) -> None:
         self.seen_encodings: list[str] = []
+        self.closed: list[str] = []
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
         self.server = BackgroundServer(app)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         model = (await request.json())["model"]
+        if model == "close-always" or (model == "close-once" and model not in self.closed):
+            self.closed.append(model)  # shed like llama.cpp's server with a full queue: no answer at all
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
         accepted = request.headers.get("Accept-Encoding", "")
         self.seen_encodings.append(accepted)
         if model == "gzip-if-asked" and "gzip" in accepted:  # nginx/Traefik/Cloudflare compression
@@ -136,3 +142,16 @@ def test_a_non_streamed_answer_over_the_limit_is_a_502(start_gateway: GatewayFac
         assert answer.status_code == 502
         assert "max_response_size" in answer.json()["error"]["message"]
         assert http.post("/v1/chat/completions", json={"model": "ok", "messages": MESSAGES}).status_code == 200
+
+
+def test_a_connection_closed_without_an_answer_is_retried_once_on_the_same_deployment(
+        start_gateway: GatewayFactory, upstream: Upstream) -> None:
+    gw = start_gateway({"backends": {"u": {"url": upstream.server.url, "discover": False}},
+                        "routes": [{"pattern": "*", "backend": "u"}], "routing": {"retries": 3}})
+    with gw.http() as http:
+        once = http.post("/v1/chat/completions", json={"model": "close-once", "messages": MESSAGES})
+        always = http.post("/v1/chat/completions", json={"model": "close-always", "messages": MESSAGES})
+    assert once.status_code == 200
+    assert always.status_code == 502
+    assert always.json()["error"]["code"] == "backend_closed"
+    assert upstream.closed == ["close-once", "close-always", "close-always"], "once more, not `retries` more"

@@ -13,7 +13,7 @@ from aiohttp import web
 from ..accesslog import RequestRecord
 from ..balancer import Balancer, Target
 from ..body import BodyFor
-from ..errors import BadGateway, GatewayError
+from ..errors import BackendClosed, BadGateway, GatewayError
 from ..metrics import Metrics
 from ..routing import Resolution
 from ..web.errors import STARTED
@@ -69,14 +69,17 @@ class Proxy:
         """Try the resolution's targets (then its fallback models' targets) until one answers.
 
         A failure that is not `retryable` (the client's mistake) ends the loop. A target that failed
-        after the request reached it, or whose GPU wait was refused, is not tried again: only a
-        refused connection may be retried on the same deployment.
+        after the request reached it, or whose GPU wait was refused, is not tried again: a refused
+        connection may be retried on the same deployment, and a connection closed before any answer
+        once.
         """
         answer = _Answer(request, record)
         failure: GatewayError | None = None
-        spent: set[int] = set()
+        spent: set[int] = set()  # deployments not to try again for this request
+        closed: set[int] = set()  # deployments that closed a connection without answering, once
         for target in self._plan(resolution):
-            if id(target.deployment) in spent:
+            key = id(target.deployment)
+            if key in spent:
                 continue
             if failure is not None:
                 if not body_for.replayable:
@@ -91,10 +94,12 @@ class Proxy:
                     return await answer.fail(exc)
                 failure = exc
                 self._count_failure(target, exc)
-                if exc.repeatable:
-                    self.admission.refused(target)
+                if not exc.repeatable:
+                    spent.add(key)
+                elif isinstance(exc, BackendClosed):
+                    (spent if key in closed else closed).add(key)
                 else:
-                    spent.add(id(target.deployment))
+                    self.admission.refused(target)
         assert failure is not None, "a resolution always has at least one target"
         return await answer.fail(failure)
 
@@ -106,7 +111,8 @@ class Proxy:
 
     def _count_failure(self, target: Target, exc: GatewayError) -> None:
         backend = target.backend
-        kind = "connect" if exc.repeatable else exc.code  # refused connections apart from all else
+        refused = exc.repeatable and not isinstance(exc, BackendClosed)
+        kind = "connect" if refused else exc.code  # refused connections apart from all else
         self.metrics.upstream_errors.labels(backend.name, kind).inc()
         cooled = self.balancer.failed(target.deployment)
         log.warning("attempt at backend %s failed (%s): %s%s", backend.name, exc.code, exc.message,

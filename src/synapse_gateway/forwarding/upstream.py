@@ -11,6 +11,7 @@ import orjson
 from ..backends import Backend
 from ..body import Body
 from ..errors import (
+    BackendClosed,
     BackendRateLimited,
     BackendRejected,
     BackendTimeout,
@@ -46,7 +47,10 @@ def _transport_error(backend: Backend, stage: str, exc: aiohttp.ClientError) -> 
     if isinstance(exc, aiohttp.ClientConnectorError):  # nothing was sent: the same deployment may be tried again
         return BackendUnavailable(f"backend {backend.name} is unreachable: {exc.strerror or type(exc).__name__}",
                                   repeatable=True)
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+    closed = isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
+    if closed and stage == "the response":  # closed or reset before a byte of the answer came back
+        return BackendClosed(f"backend {backend.name} closed the connection without answering", repeatable=True)
+    if closed:
         return BadGateway(f"backend {backend.name} closed the connection during {stage}")
     if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
         return BadGateway(f"backend {backend.name} sent a malformed answer during {stage}")
