@@ -200,10 +200,10 @@ def _buffered_response(record: RequestRecord, upstream: aiohttp.ClientResponse, 
 
 
 def _stream_response(record: RequestRecord, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, headers=_response_headers(record))
     if upstream.content_type == "text/event-stream":
         response = event_stream_response(_response_headers(record), upstream.status)
     else:
+        response = web.StreamResponse(status=upstream.status, headers=_response_headers(record))
         response.headers["Content-Type"] = upstream.headers.get("Content-Type", "application/octet-stream")
     if upstream.headers.get("Content-Encoding"):
         response.headers["Content-Encoding"] = upstream.headers["Content-Encoding"]
