@@ -18,8 +18,11 @@ async def test_a_wait_cancelled_just_as_it_succeeds_gives_back_what_it_got() -> 
         granted.set()
         return "unit"
 
-    async def wait() -> str:
-        return await wait_with_heartbeat(acquire(), None, 1.0, "waking", given_back.append)
+    async def keep_alive(note: str) -> None:
+        pass
+
+    async def wait() -> str:  # a stream waiting with keep-alives: the acquire runs as its own task
+        return await wait_with_heartbeat(acquire(), keep_alive, 1.0, "waking", given_back.append)
 
     task = asyncio.ensure_future(wait())
     await granted.wait()  # acquire has returned; the waiter has not resumed yet
@@ -43,7 +46,10 @@ async def test_a_wait_cancelled_before_it_succeeds_cancels_the_acquire() -> None
             raise
         return "unit"
 
-    task = asyncio.ensure_future(wait_with_heartbeat(acquire(), None, 1.0, "waking", given_back.append))
+    async def keep_alive(note: str) -> None:
+        pass
+
+    task = asyncio.ensure_future(wait_with_heartbeat(acquire(), keep_alive, 1.0, "waking", given_back.append))
     await started.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -42,12 +42,13 @@ async def wait_with_heartbeat(waiting: Awaitable[T], heartbeat: Heartbeat | None
     If this wait is cancelled (the client left) after `waiting` had already succeeded, what it
     obtained is handed to `abandoned`, so that nothing acquired for a departed request leaks.
     """
+    if heartbeat is None:  # awaited in this very task: no moment between its success and our return
+        return await waiting
     task = asyncio.ensure_future(waiting)
     try:
-        if heartbeat is not None:
-            while not task.done():
-                await heartbeat(note)
-                await asyncio.wait({task}, timeout=interval)
+        while not task.done():
+            await heartbeat(note)
+            await asyncio.wait({task}, timeout=interval)
         return await asyncio.shield(task)
     except BaseException:
         if not task.done():
