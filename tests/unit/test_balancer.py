@@ -41,3 +41,13 @@ def test_cooldown_after_allowed_fails_moves_a_deployment_last() -> None:
         assert [t.backend.name for t in balancer.attempts(targets)] == ["b", "a"]
     balancer.succeeded(targets[0].deployment)
     assert targets[0].deployment.consecutive_fails == 0
+
+
+def test_a_deployment_that_can_answer_now_goes_before_one_that_must_wake() -> None:
+    """A sleeping GPU backend waits behind an awake one, even when the awake one is busier."""
+    balancer = Balancer(RoutingPolicy(retries=1))
+    targets = _targets("asleep", "awake")
+    targets[1].backend.in_flight = 3
+    for _ in range(4):  # whatever the turn
+        order = [t.backend.name for t in balancer.attempts(targets, waits=lambda t: t.backend.name == "asleep")]
+        assert order == ["awake", "asleep"]
