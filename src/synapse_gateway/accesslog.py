@@ -66,10 +66,6 @@ class AccessLog:
         self._second = -1
         self._stamp = ""
 
-    @property
-    def enabled(self) -> bool:
-        return self.stream is not None
-
     def write(self, record: RequestRecord, finished: float) -> None:
         if self.stream is None:
             return

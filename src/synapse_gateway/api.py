@@ -16,7 +16,7 @@ from .gateway import GATEWAY_KEY, Gateway
 from .metrics import CONTENT_TYPE
 from .scheduler.gpu import Gpu
 from .upload import MultipartUpload
-from .web.errors import REQUEST_ID, request_id_of
+from .web.errors import REQUEST_ID, stamp_request_id
 from .web.requestid import request_id
 from .web.responses import json_response
 
@@ -29,9 +29,8 @@ BodyReader = Callable[[web.Request, RequestRecord, BodyDeadline], Awaitable[tupl
 
 async def stamp_response(request: web.Request, response: web.StreamResponse) -> None:
     """Every response names its request id and the backend that answered it ("none" when no backend did)."""
+    await stamp_request_id(request, response)
     headers = response.headers
-    if "x-request-id" not in headers:
-        headers["x-request-id"] = request_id_of(request)
     if "x-synapse-backend" not in headers:
         record = request.get(RECORD)
         headers["x-synapse-backend"] = (record.backend if record else None) or "none"

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from synapse_gateway.localstack.stack import free_port
+from synapse_gateway.web.serve import free_port
 
 ENV_BINARY = "SYNAPSE_LLAMA_SERVER"
 _BIN_NAME = "llama-server"

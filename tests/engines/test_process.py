@@ -15,7 +15,7 @@ import pytest
 
 from synapse_gateway.config.schema import ManagedConfig
 from synapse_gateway.engines.process import EngineFailed, EngineState, Liveness, ManagedEngine
-from synapse_gateway.localstack.stack import free_port
+from synapse_gateway.web.serve import free_port
 
 CHATTY = str(Path(__file__).with_name("chatty_engine.py"))
 SECRET = "sk-live-0123456789abcdef"

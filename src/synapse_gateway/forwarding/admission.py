@@ -62,6 +62,8 @@ async def wait_with_heartbeat(waiting: Awaitable[T], heartbeat: Heartbeat | None
 class EngineGate:
     """A managed engine that is (re)starting must be serving before a request is sent to it."""
 
+    keepalive_interval = 10.0  # a waiting stream's keep-alive comment, as the GPU scheduler's default
+
     def must_wait(self, target: Target) -> bool:
         engine = target.backend.engine
         return engine is not None and not engine.ready.is_set()
@@ -72,7 +74,8 @@ class EngineGate:
             return None
         try:
             await wait_with_heartbeat(engine.wait_ready(engine.config.startup_timeout), heartbeat,
-                                      interval=10.0, note=f"waiting for engine {engine.name} to start",
+                                      interval=self.keepalive_interval,
+                                      note=f"waiting for engine {engine.name} to start",
                                       abandoned=lambda _: None)
         except EngineFailed as exc:
             raise BackendUnavailable(f"backend {target.backend.name} is not serving: {exc}") from exc

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ..web.serve import free_port
 from . import packaged
 from .gguf_bert import cached_gguf
 from .llama import llama_server_binary, llama_server_command
@@ -25,13 +25,6 @@ def cache_dir() -> Path:
     override = os.environ.get("SYNAPSE_CACHE_DIR")
     base = Path(override) if override else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "synapse"
     return base
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ollama_answers(url: str, timeout: float = 0.5) -> bool:

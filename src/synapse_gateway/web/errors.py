@@ -21,8 +21,6 @@ Guard = Callable[[Handler], Handler]
 REQUEST_ID = web.RequestKey("request_id", str)
 # Set by a handler once its response has started: an error can then no longer be answered as a status.
 STARTED = web.RequestKey("response_started", bool)
-# The error a request failed with, for whoever observes the request afterwards (access log).
-FAILURE = web.RequestKey("failure", GatewayError)
 
 log = logging.getLogger("synapse.web")
 
@@ -65,7 +63,6 @@ def _error_response(request: web.Request, exc: Exception) -> web.Response:
         exc = InternalError(rid)
     elif exc.status >= 500:
         log.warning("%s: %s", exc.code, exc.message, extra={"fields": {"request_id": rid}})
-    request[FAILURE] = exc
     response = error_response(exc)
     if exc.status in (408, 413):  # the body was not read to its end: the connection cannot be reused
         response.force_close()
