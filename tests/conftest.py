@@ -17,6 +17,12 @@ pytest_plugins = ["tests.engines.fixtures"]
 GatewayFactory = Callable[[dict[str, Any]], ThreadGateway]
 
 
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's gateways keep their state (keys, usage) in a fresh data directory, never the user's."""
+    monkeypatch.setenv("SYNAPSE_DATA_DIR", str(tmp_path_factory.mktemp("synapse-data")))
+
+
 @pytest.fixture
 def vllm() -> Iterator[FakeVLLM]:
     with FakeVLLM(["llama-3.2-8b"]) as fake:

@@ -38,6 +38,11 @@ class RequestRecord:
     retries: int = 0
     stream: bool = False
     error: str | None = None
+    key_id: str | None = None  # the virtual key's public id ("master" for the master key)
+    hide_usage: bool = False  # the gateway asked a stream for its usage; the client did not
+    characters: int | None = None  # text spoken (text-to-speech)
+    audio_seconds: float | None = None  # audio heard (speech-to-text), when the engine says
+    cost: float | None = None
 
     @property
     def ttft(self) -> float | None:
@@ -51,7 +56,7 @@ class RequestRecord:
             "status": self.status, "latency_ms": round((finished - self.started) * 1000, 3),
             "ttft_ms": None if ttft is None else round(ttft * 1000, 3), "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out, "retries": self.retries, "stream": self.stream,
-            "error": self.error,
+            "error": self.error, "key_id": self.key_id,
         }
 
 

@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import orjson
 from aiohttp import web
 
+from .access.control import Admitted, rate_headers
 from .accesslog import RequestRecord
+from .auth import PRINCIPAL
 from .body import BodyDeadline, BodyFor, JsonBody, read_json_body
-from .errors import GatewayError, ModelNotFound, NotFound
+from .errors import GatewayError, ModelNotAllowed, ModelNotFound, NotFound
 from .gateway import GATEWAY_KEY, Gateway
 from .metrics import CONTENT_TYPE
 from .scheduler.gpu import Gpu
+from .storage.ledger import UsageEvent
 from .upload import MultipartUpload
 from .web.errors import REQUEST_ID, stamp_request_id
 from .web.requestid import request_id
@@ -24,6 +29,9 @@ JSON_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/
 UPLOAD_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 API_PATHS = {path: path.removeprefix("/v1") for path in (*JSON_PATHS, *UPLOAD_PATHS)}
 RECORD = web.RequestKey("record", RequestRecord)
+ADMITTED = web.RequestKey("admitted", Admitted)
+# Answers made of tokens: their `max_tokens` is reserved, and a stream is asked for its usage.
+GENERATING_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
 BodyReader = Callable[[web.Request, RequestRecord, BodyDeadline], Awaitable[tuple[str, BodyFor]]]
 
 
@@ -34,6 +42,11 @@ async def stamp_response(request: web.Request, response: web.StreamResponse) -> 
     if "x-synapse-backend" not in headers:
         record = request.get(RECORD)
         headers["x-synapse-backend"] = (record.backend if record else None) or "none"
+    admitted = request.get(ADMITTED)
+    if admitted is not None and admitted.grant is not None and response.status < 400:
+        grant = admitted.grant
+        headers.update(rate_headers(grant.limits.rpm, grant.limits.tpm, grant.remaining_requests,
+                                    grant.remaining_tokens))
 
 
 class Api:
@@ -61,8 +74,13 @@ class Api:
 
     async def _read_json(self, request: web.Request, record: RequestRecord,
                          deadline: BodyDeadline) -> tuple[str, BodyFor]:
-        payload, raw = await read_json_body(request, self.gateway.settings.max_body_size, deadline)
+        gateway = self.gateway
+        payload, raw = await read_json_body(request, gateway.settings.max_body_size, deadline)
         record.stream = bool(payload.get("stream"))
+        if record.stream and request.path in GENERATING_PATHS and gateway.counts_usage:
+            payload, raw = _asking_for_usage(payload, raw, record)
+        elif request.path == "/v1/audio/speech" and isinstance(payload.get("input"), str):
+            record.characters = len(payload["input"])
         return payload["model"], JsonBody(payload, raw)
 
     async def _read_upload(self, request: web.Request, record: RequestRecord,
@@ -76,14 +94,31 @@ class Api:
         settings = gateway.settings
         rid = request[REQUEST_ID] = request_id(request)
         record = request[RECORD] = RequestRecord(rid, request.method, request.path, time.perf_counter())
+        principal = request.get(PRINCIPAL)
+        key = principal.key if principal is not None else None
+        admitted: Admitted | None = None
         try:
+            if principal is not None:
+                record.key_id = principal.id
             deadline = BodyDeadline(idle=settings.body_idle_timeout, total=settings.body_timeout)
             model, body_for = await read(request, record, deadline)
             record.model = model
-            resolution = await gateway.catalog.resolve(model)
+            try:
+                resolution = await gateway.catalog.resolve(model)
+            except ModelNotFound:
+                if key is not None and not key.allows(model):
+                    raise ModelNotAllowed(model) from None  # a restricted key learns nothing of other models
+                raise
             record.source, record.route = resolution.source, resolution.route
+            if key is not None:
+                resolution = gateway.access.permit(key, resolution)
+                json = body_for if isinstance(body_for, JsonBody) else None
+                admitted = request[ADMITTED] = await gateway.access.admit(
+                    key, resolution.model, json.payload if json else None, body_size=json.size if json else 0,
+                    generates=request.path in GENERATING_PATHS)
             return await gateway.proxy.forward(request, record, resolution, body_for=body_for,
-                                               api_path=API_PATHS[request.path])
+                                               api_path=API_PATHS[request.path],
+                                               allows=key.allows if key is not None else None)
         except GatewayError as exc:
             record.status, record.error = exc.status, exc.message
             raise
@@ -94,10 +129,14 @@ class Api:
             record.status, record.error = 500, "internal error"
             raise
         finally:
+            if admitted is not None:
+                record.cost = await gateway.access.settle(admitted, record)
             self._finish(gateway, record)
 
     def _finish(self, gateway: Gateway, record: RequestRecord) -> None:
         finished = time.perf_counter()
+        if gateway.ledger is not None:
+            gateway.ledger.record(_usage_event(gateway, record, finished))
         label = record.route or "unknown"  # a route's name, never a client's raw model name
         ttft = record.ttft if record.stream else None
         gateway.metrics.observe(model=label, backend=record.backend or "none", status=record.status,
@@ -112,8 +151,10 @@ class Api:
         gateway = self.gateway
         created = int(gateway.started_at)
         models = await gateway.catalog.public_models()
+        principal = request.get(PRINCIPAL)
+        key = principal.key if principal is not None else None
         data = [{"id": name, "object": "model", "created": created, "owned_by": owner}
-                for name, owner in sorted(models.items())]
+                for name, owner in sorted(models.items()) if key is None or key.allows(name)]
         return json_response({"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
@@ -121,7 +162,8 @@ class Api:
         gateway = self.gateway
         model = request.match_info["model"]
         owner = await gateway.catalog.find_model(model)
-        if owner is None:
+        principal = request.get(PRINCIPAL)
+        if owner is None or (principal is not None and principal.key is not None and not principal.key.allows(model)):
             raise ModelNotFound(model)
         return json_response({"id": model, "object": "model", "created": int(gateway.started_at), "owned_by": owner})
 
@@ -179,6 +221,34 @@ class Api:
         if gpu is None:
             raise NotFound("this gateway has no `gpu:` section in its config, so nothing is GPU-scheduled")
         return gpu
+
+
+def _asking_for_usage(payload: dict[str, Any], raw: bytes, record: RequestRecord) -> tuple[dict[str, Any], bytes]:
+    """A stream asks its backend for a final `usage` event (for limits and the ledger); when the client
+    did not ask for one, the relay removes it again (`record.hide_usage`)."""
+    options = payload.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return payload, raw
+    if options is not None and not isinstance(options, dict):
+        return payload, raw  # the backend will say what is wrong with it
+    record.hide_usage = True
+    payload = {**payload, "stream_options": {**(options or {}), "include_usage": True}}
+    return payload, orjson.dumps(payload)
+
+
+def _usage_event(gateway: Gateway, record: RequestRecord, finished: float) -> UsageEvent:
+    latency = finished - record.started
+    ttft = record.ttft
+    cost = record.cost
+    if cost is None:
+        cost = gateway.access.cost(None, record.model or "", record)
+    return UsageEvent(
+        time=time.time() - latency, request_id=record.request_id, key_id=record.key_id, model=record.model,
+        served_model=record.upstream_model, backend=record.backend, route=record.route, status=record.status,
+        tokens_in=record.tokens_in, tokens_out=record.tokens_out, audio_seconds=record.audio_seconds,
+        characters=record.characters, latency_ms=round(latency * 1000, 3),
+        ttft_ms=None if ttft is None else round(ttft * 1000, 3), stream=record.stream, cost=cost,
+        path=record.path)
 
 
 def _public_url(url: str) -> str:

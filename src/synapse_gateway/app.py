@@ -4,47 +4,57 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .access.keyring import Keyring
+from .access.management import KeyRoutes
 from .api import JSON_PATHS, UPLOAD_PATHS, Api, stamp_response
-from .auth import local_only, requiring_key
+from .auth import Guards, unguarded
 from .config import LoadedConfig
 from .gateway import lifespan
+from .state import StateDatabase
 from .web.errors import Guard, Handler, add_fallback_routes, rendering_errors
 
 
 def create_app(loaded: LoadedConfig) -> web.Application:
     """The gateway as an aiohttp app; its shared parts are built when the app starts.
 
-    Access: with a master key, every route but health needs it; without one, only the admin routes
-    are guarded (this machine only), and inference pays for no check at all.
+    Access (see `auth.py`): with `auth.mode: required` every route but health needs a key; without
+    it, inference pays for no check at all, and only the admin routes are guarded.
     """
     config = loaded.config
-    master_key = config.auth.master_key
-    keyed: Guard = requiring_key(master_key) if master_key else _unguarded
-    admin: Guard = keyed if master_key else local_only
+    state = StateDatabase(config.database())
+    keyring = Keyring(config.auth, state)
+    guards = Guards(config.auth, keyring)
     app = web.Application(client_max_size=config.server.max_body_size, handler_args={"max_field_size": 16384})
-    app.cleanup_ctx.append(lifespan(loaded))
+    app.cleanup_ctx.append(lifespan(loaded, keyring, state))
     app.on_response_prepare.append(stamp_response)
     api = Api(app)
+    keys = KeyRoutes(app)
     routes = app.router
 
     def add(method: str, path: str, handler: Handler, guard: Guard) -> None:
         routes.add_route(method, path, rendering_errors(guard(handler)))
 
     for path in JSON_PATHS:
-        add("POST", path, api.inference, keyed)
+        add("POST", path, api.inference, guards.inference)
     for path in UPLOAD_PATHS:
-        add("POST", path, api.upload, keyed)
-    add("GET", "/v1/models", api.list_models, keyed)
-    add("GET", "/v1/models/{model:.+}", api.get_model, keyed)
-    add("GET", "/health/live", api.live, _unguarded)
-    add("GET", "/health/ready", api.ready, _unguarded)
-    add("GET", "/metrics", api.metrics, keyed)
-    add("GET", "/admin/engines", api.engines, admin)
-    add("GET", "/admin/gpu", api.gpu_status, admin)
-    add("POST", "/admin/gpu/{unit:.+}/{action:wake|sleep}", api.gpu_action, admin)
-    add_fallback_routes(app, "see the README for the API", keyed)
+        add("POST", path, api.upload, guards.inference)
+    add("GET", "/v1/models", api.list_models, guards.inference)
+    add("GET", "/v1/models/{model:.+}", api.get_model, guards.inference)
+    add("GET", "/health/live", api.live, unguarded)
+    add("GET", "/health/ready", api.ready, unguarded)
+    add("GET", "/metrics", api.metrics, guards.metrics)
+    add("GET", "/admin/engines", api.engines, guards.admin)
+    add("GET", "/admin/gpu", api.gpu_status, guards.admin)
+    add("POST", "/admin/gpu/{unit:.+}/{action:wake|sleep}", api.gpu_action, guards.admin)
+    add("POST", "/key/generate", keys.generate, guards.admin)
+    add("POST", "/key/update", keys.update, guards.admin)
+    add("POST", "/key/delete", keys.delete, guards.admin)
+    add("POST", "/key/block", keys.block, guards.admin)
+    add("POST", "/key/unblock", keys.block, guards.admin)
+    add("POST", "/key/regenerate", keys.regenerate, guards.admin)
+    add("POST", "/key/{key}/regenerate", keys.regenerate, guards.admin)
+    add("GET", "/key/info", keys.info, guards.admin)
+    add("GET", "/key/list", keys.list, guards.admin)
+    add("GET", "/usage/report", keys.usage, guards.admin)
+    add_fallback_routes(app, "see the README for the API", guards.inference)
     return app
-
-
-def _unguarded(handler: Handler) -> Handler:
-    return handler

@@ -1,54 +1,126 @@
-"""Who may call which route: the master key when one is set; without one, admin routes only from this machine.
+"""Who may call which route: each route's guard authenticates the key it was sent, in memory.
 
-A stopgap until per-user keys exist: it fails closed when the operator configured a key (a LiteLLM
-`general_settings.master_key` included), and it keeps a browser page or a rebound DNS name from
-driving the admin routes of a gateway on localhost.
+- inference routes: with `auth.mode: required`, a key of the `inference` scope or the master key;
+  with `off`, anyone (and no check is paid for);
+- `/metrics`: any valid key, or open (`auth.metrics: open`);
+- admin and key-management routes: the master key or an `admin`-scope key; with neither configured,
+  only this machine (a loopback peer and Host, JSON for changes), so that a web page or a rebound
+  DNS name cannot drive them.
+
+A refused key is answered with one message whatever the reason (missing, unknown, expired, revoked),
+and no part of it is ever echoed or logged.
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
 import ipaddress
+import logging
 
 from aiohttp import web
 
+from .access.keyring import MASTER, Keyring, Principal
+from .access.keys import key_id_of
+from .config.access import AuthConfig
 from .errors import Forbidden, Unauthorized
-from .web.errors import Guard, Handler
+from .web.errors import Guard, Handler, request_id_of
 
+PRINCIPAL = web.RequestKey("principal", Principal)
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+_INVALID = "invalid API key: send a valid key as `Authorization: Bearer <key>`"
+log = logging.getLogger("synapse.auth")
 
 
 def presented_key(request: web.Request) -> str | None:
     """The key a client sent: `Authorization: Bearer`, or `x-api-key` / `api-key` as other SDKs send it."""
-    authorization = request.headers.get("Authorization", "")
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
+    authorization = request.headers.get("Authorization")
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
     return request.headers.get("x-api-key") or request.headers.get("api-key") or None
 
 
-def requiring_key(master_key: str) -> Guard:
-    """A guard for every route but health: the master key, compared in constant time."""
-    secret = master_key.encode()
+class Guards:
+    """The guard of each kind of route, built from the auth config and the keyring."""
 
-    def guard(handler: Handler) -> Handler:
+    def __init__(self, auth: AuthConfig, keyring: Keyring) -> None:
+        self.keyring = keyring
+        self.required = auth.required
+        self.metrics_keyed = auth.metrics == "keyed" and self.required
+
+    def inference(self, handler: Handler) -> Handler:
+        if not self.required:
+            return handler
+        keyring = self.keyring
+
         @functools.wraps(handler)
-        async def check_key(request: web.Request) -> web.StreamResponse:
-            key = presented_key(request)
-            if key is None:
-                raise Unauthorized("this gateway needs an API key: send `Authorization: Bearer <key>`")
-            if not hmac.compare_digest(key.encode(), secret):
-                raise Unauthorized("the API key is not valid for this gateway")
+        async def inference_key(request: web.Request) -> web.StreamResponse:
+            principal = _authenticate(request, keyring)
+            if not principal.inference:
+                _refuse(request, principal, "an admin key used on an inference route")
+                raise Forbidden("this key has the `admin` scope, which manages the gateway but cannot run "
+                                "inference; use an inference key", code="scope_not_allowed")
+            request[PRINCIPAL] = principal
             return await handler(request)
 
-        return check_key
+        return inference_key
 
-    return guard
+    def metrics(self, handler: Handler) -> Handler:
+        if not self.metrics_keyed:
+            return handler
+        keyring = self.keyring
+
+        @functools.wraps(handler)
+        async def any_key(request: web.Request) -> web.StreamResponse:
+            request[PRINCIPAL] = _authenticate(request, keyring)
+            return await handler(request)
+
+        return any_key
+
+    def admin(self, handler: Handler) -> Handler:
+        keyring = self.keyring
+
+        @functools.wraps(handler)
+        async def admin_key(request: web.Request) -> web.StreamResponse:
+            if presented_key(request) is None and not keyring.has_master:
+                _only_from_this_machine(request)  # nothing to authenticate with: the local operator
+                request[PRINCIPAL] = MASTER
+                return await handler(request)
+            principal = _authenticate(request, keyring)
+            if not principal.admin:
+                _refuse(request, principal, "an inference key used on an admin route")
+                raise Forbidden(f"{request.path} needs the master key or a key with the `admin` scope",
+                                code="scope_not_allowed")
+            request[PRINCIPAL] = principal
+            return await handler(request)
+
+        return admin_key
+
+
+def _authenticate(request: web.Request, keyring: Keyring) -> Principal:
+    key = presented_key(request)
+    principal = keyring.authenticate(key) if key is not None else None
+    if principal is None:
+        reason = "no key" if key is None else "a key that is unknown, expired or revoked"
+        log.info("refused %s %s: %s", request.method, request.path, reason,
+                 extra={"fields": {"request_id": request_id_of(request), "remote": request.remote,
+                                   "key_id": key_id_of(key) if key else None}})
+        raise Unauthorized(_INVALID)
+    return principal
+
+
+def _refuse(request: web.Request, principal: Principal, reason: str) -> None:
+    log.info("refused %s %s: %s", request.method, request.path, reason,
+             extra={"fields": {"request_id": request_id_of(request), "key_id": principal.id}})
+
+
+def unguarded(handler: Handler) -> Handler:
+    return handler
 
 
 def local_only(handler: Handler) -> Handler:
-    """An admin route of a gateway without a master key: it answers only this machine (see below)."""
+    """A route that answers only this machine (see `_only_from_this_machine`)."""
 
     @functools.wraps(handler)
     async def guarded(request: web.Request) -> web.StreamResponse:
@@ -79,3 +151,6 @@ def _host_name(host: str) -> str:
     if host.startswith("["):
         return host[1:].split("]", 1)[0]
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+__all__ = ["PRINCIPAL", "Guard", "Guards", "local_only", "presented_key", "unguarded"]

@@ -33,6 +33,7 @@ class JsonBody:
 
     def __init__(self, payload: dict[str, Any], raw: bytes) -> None:
         self.payload = payload
+        self.size = len(raw)
         self.bodies = {payload["model"]: raw}
 
     def __call__(self, upstream_model: str) -> tuple[Body, dict[str, str]]:

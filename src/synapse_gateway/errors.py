@@ -25,6 +25,7 @@ class GatewayError(Exception):
         self.retry_after = retry_after
         # Whether the same deployment may be tried again: only when the request never reached it.
         self.repeatable = repeatable
+        self.headers: dict[str, str] = {}  # sent with the error (rate-limit state, for one)
 
     def envelope(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
@@ -57,6 +58,20 @@ class Unauthorized(GatewayError):
 
 class Forbidden(GatewayError):
     status, error_type, code = 403, "invalid_request_error", "forbidden"
+
+
+class ModelNotAllowed(Forbidden):
+    code = "model_not_allowed"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"this API key may not use the model `{model}`; GET /v1/models lists the models it may use",
+                         param="model")
+
+
+class RateLimited(GatewayError):
+    """A key's own limit (requests, tokens, parallel requests) or budget: retry after `retry_after` seconds."""
+
+    status, error_type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
 
 class Conflict(GatewayError):
@@ -129,6 +144,8 @@ def error_response(error: GatewayError, headers: dict[str, str] | None = None) -
     """The HTTP response for `error`: the envelope, its status, and Retry-After where it applies."""
     response = web.Response(body=orjson.dumps(error.envelope()), status=error.status,
                             content_type="application/json", headers=headers)
+    if error.headers:
+        response.headers.update(error.headers)
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(error.retry_after)
     return response

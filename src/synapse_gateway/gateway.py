@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from .access.control import AccessControl
+from .access.keyring import Keyring
+from .access.limits import Limiter, MemoryLimiter
 from .accesslog import AccessLog
 from .backends import Backend
 from .balancer import Balancer
@@ -29,6 +32,8 @@ from .routing import Router
 from .scheduler.build import build_gpu, managed_by_scheduler
 from .scheduler.gpu import Gpu
 from .scheduler.metrics import SchedulerMetrics
+from .state import StateDatabase
+from .storage.ledger import UsageLedger
 
 log = logging.getLogger("synapse")
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
@@ -49,13 +54,18 @@ class Gateway:
     engines: list[ManagedEngine]
     # Engines started with the gateway (not on demand by the scheduler): readiness waits for them.
     boot_engines: list[ManagedEngine]
+    state: StateDatabase
+    keyring: Keyring
+    access: AccessControl
+    ledger: UsageLedger | None
     draining: bool = False
     ready: bool = False
     settings: ServerConfig = field(init=False)
     started_at: float = field(default_factory=time.time)
 
     @classmethod
-    async def create(cls, loaded: LoadedConfig, session: aiohttp.ClientSession) -> Gateway:
+    async def create(cls, loaded: LoadedConfig, session: aiohttp.ClientSession, keyring: Keyring,
+                     state: StateDatabase) -> Gateway:
         """Build every part with its collaborators; nothing is started yet."""
         config = loaded.config
         backends = {name: Backend.from_config(name, b, config.timeouts) for name, b in config.backends.items()}
@@ -80,7 +90,12 @@ class Gateway:
                       max_response_size=config.server.max_response_size)
         access_log = AccessLog(sys.stderr.buffer if config.server.access_log else None)
         boot = [b.engine for b in backends.values() if b.engine is not None and not managed_by_scheduler(b)]
-        return cls(loaded, backends, catalog, proxy, metrics, session, access_log, gpu, engines, boot)
+        access = AccessControl(config.auth, new_limiter(config.redis_url, config.redis_prefix))
+        usage = config.usage
+        ledger = UsageLedger(state, metrics.registry, buffer_size=usage.buffer_size, batch_size=usage.batch_size,
+                             flush_interval=usage.flush_interval) if usage.enabled else None
+        return cls(loaded, backends, catalog, proxy, metrics, session, access_log, gpu, engines, boot, state,
+                   keyring, access, ledger)
 
     def __post_init__(self) -> None:
         self.settings = self.loaded.config.server  # read on every request: one attribute, not three
@@ -94,8 +109,17 @@ class Gateway:
     def in_flight(self) -> int:
         return sum(b.in_flight for b in self.backends.values())
 
+    @property
+    def counts_usage(self) -> bool:
+        """Whether each request's token usage is wanted (the ledger, or keys that are limited in tokens)."""
+        return self.ledger is not None or self.keyring.required
+
     async def start(self) -> list[asyncio.Task[None]]:
         """Start the engines, the scheduler and discovery; engines keep starting in the returned tasks."""
+        await self.access.limiter.start()
+        if self.ledger is not None:
+            await self.ledger.start()
+        await self.keyring.start()
         starting = [asyncio.create_task(engine.start(), name=f"start-{engine.name}") for engine in self.boot_engines]
         if self.gpu is not None:
             await asyncio.gather(*starting)  # the scheduler asks running engines whether they are resident
@@ -112,6 +136,11 @@ class Gateway:
             await self.gpu.scheduler.close()
         await self.catalog.stop()
         await asyncio.gather(*(engine.stop() for engine in self.engines), *starting, return_exceptions=True)
+        await self.keyring.close()
+        if self.ledger is not None:
+            await self.ledger.close()
+        await self.access.limiter.close()
+        await self.state.close()
 
     def report_backends(self) -> None:
         """Say at start-up which backends answer, what they serve, and how to add more."""
@@ -145,13 +174,23 @@ def new_session(settings: ServerConfig) -> aiohttp.ClientSession:
                                  timeout=aiohttp.ClientTimeout(total=None))
 
 
-def lifespan(loaded: LoadedConfig) -> Callable[[web.Application], AsyncIterator[None]]:
+def new_limiter(redis_url: str | None, prefix: str) -> Limiter:
+    """Limits shared by every replica through Redis, or this process's own."""
+    if redis_url is None:
+        return MemoryLimiter()
+    from .access.redis_limits import RedisLimiter
+
+    return RedisLimiter(redis_url, prefix=prefix)
+
+
+def lifespan(loaded: LoadedConfig, keyring: Keyring,
+             state: StateDatabase) -> Callable[[web.Application], AsyncIterator[None]]:
     """The app's cleanup context: build the gateway, start it, and close everything at exit."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         session = new_session(loaded.config.server)
         try:
-            gateway = await Gateway.create(loaded, session)
+            gateway = await Gateway.create(loaded, session, keyring, state)
             app[GATEWAY_KEY] = gateway
             starting = await gateway.start()
             try:

@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from .access import AuthConfig, UsageConfig
 from .units import Duration, Size
 
 Protocol = Literal["openai", "vllm", "ollama"]
@@ -277,33 +278,10 @@ class ServerConfig(_Strict):
     max_response_size: Size = Field(256 * 1024 * 1024, gt=0)
     max_connections_per_backend: int = Field(1024, ge=1)
     access_log: bool = True
+    # Where state lives (the SQLite database of keys and usage): default $SYNAPSE_DATA_DIR, else
+    # $XDG_DATA_HOME/synapse, else ~/.local/share/synapse.
+    data_dir: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-
-
-class AuthConfig(_Strict):
-    """The key clients send as `Authorization: Bearer <key>`; SYNAPSE_MASTER_KEY, when set, replaces it.
-
-    `master_key` may be written as is, as `${VAR}`, or LiteLLM-style as `os.environ/VAR`.
-    """
-
-    master_key: str | None = Field(None, validate_default=True, repr=False)  # kept out of logs
-
-    @field_validator("master_key", mode="before")
-    @classmethod
-    def _from_environment(cls, value: object) -> object:
-        override = os.environ.get("SYNAPSE_MASTER_KEY")
-        if override:
-            return override
-        if isinstance(value, str) and value.startswith("os.environ/"):
-            name = value.removeprefix("os.environ/")
-            found = os.environ.get(name)
-            if not found:
-                raise ValueError(f"environment variable {name} is not set"
-                                 f"|export {name}=... (or SYNAPSE_MASTER_KEY=...)")
-            return found
-        if value == "":
-            raise ValueError("`master_key` is empty|set a key, or remove `master_key` to run without one")
-        return value
 
 
 class SynapseConfig(_Strict):
@@ -318,3 +296,31 @@ class SynapseConfig(_Strict):
     fallback: str | None = None
     gpu: GpuConfig | None = None
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    usage: UsageConfig = UsageConfig()
+    # Keys, budget checkpoints and the usage ledger: `sqlite:///PATH` or `postgresql://...` (several
+    # replicas share one PostgreSQL). Default: SQLite in the data directory.
+    database_url: str | None = None
+    # Limits, in-flight counts and budget reservations shared by replicas; without it, in-process.
+    redis_url: str | None = None
+    redis_prefix: str = "synapse"
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError(f"{value!r} is not a database URL"
+                             "|write sqlite:///path/to/synapse.db or postgresql://user@host/db")
+        return value
+
+    def data_directory(self) -> str:
+        """Where the default SQLite database lives."""
+        if self.server.data_dir:
+            return os.path.expanduser(self.server.data_dir)
+        if os.environ.get("SYNAPSE_DATA_DIR"):
+            return os.path.expanduser(os.environ["SYNAPSE_DATA_DIR"])
+        base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+        return os.path.join(base, "synapse")
+
+    def database(self) -> str:
+        """The database URL in effect."""
+        return self.database_url or "sqlite:///" + os.path.join(self.data_directory(), "synapse.db")

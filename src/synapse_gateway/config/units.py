@@ -7,8 +7,8 @@ from typing import Annotated
 
 from pydantic import BeforeValidator
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_FACTOR = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_FACTOR = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _SIZE_FACTOR = {
     "": 1, "b": 1,
@@ -20,7 +20,7 @@ _SIZE_FACTOR = {
 
 
 def parse_duration(value: object) -> object:
-    """Seconds as a float from a number or a string such as "250ms", "30s", "5m", "1h"."""
+    """Seconds as a float from a number or a string such as "250ms", "30s", "5m", "1h", "30d"."""
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int | float):
@@ -28,7 +28,7 @@ def parse_duration(value: object) -> object:
     if isinstance(value, str):
         match = _DURATION.match(value)
         if not match:
-            raise ValueError(f"{value!r} is not a duration|write a number of seconds or e.g. 500ms, 30s, 5m, 1h")
+            raise ValueError(f"{value!r} is not a duration|write a number of seconds or e.g. 500ms, 30s, 5m, 1h, 7d")
         return float(match.group(1)) * _DURATION_FACTOR[match.group(2)]
     return value
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import aiohttp
 import orjson
@@ -13,7 +13,7 @@ from aiohttp import web
 from ..accesslog import RequestRecord
 from ..balancer import Balancer, Target
 from ..body import BodyFor
-from ..errors import BackendClosed, BadGateway, GatewayError
+from ..errors import BackendClosed, BadGateway, GatewayError, ModelNotAllowed
 from ..metrics import Metrics
 from ..routing import Resolution
 from ..web.errors import STARTED
@@ -65,8 +65,12 @@ class Proxy:
         self.max_response_size = max_response_size
 
     async def forward(self, request: web.Request, record: RequestRecord, resolution: Resolution, *,
-                      body_for: BodyFor, api_path: str) -> web.StreamResponse:
+                      body_for: BodyFor, api_path: str,
+                      allows: Callable[[str], bool] | None = None) -> web.StreamResponse:
         """Try the resolution's targets (then its fallback models' targets) until one answers.
+
+        `allows` (a key's model permission) is asked again before each model is tried, so that no
+        failover or fallback serves a model the key may not use.
 
         A failure that is not `retryable` (the client's mistake) ends the loop. A target that failed
         after the request reached it, or whose GPU wait was refused, is not tried again: a refused
@@ -77,7 +81,7 @@ class Proxy:
         failure: GatewayError | None = None
         spent: set[int] = set()  # deployments not to try again for this request
         closed: set[int] = set()  # deployments that closed a connection without answering, once
-        for target in self._plan(resolution):
+        for target in self._plan(resolution, allows):
             key = id(target.deployment)
             if key in spent:
                 continue
@@ -103,9 +107,14 @@ class Proxy:
         assert failure is not None, "a resolution always has at least one target"
         return await answer.fail(failure)
 
-    def _plan(self, resolution: Resolution) -> Iterator[Target]:
+    def _plan(self, resolution: Resolution, allows: Callable[[str], bool] | None) -> Iterator[Target]:
+        if allows is not None and not allows(resolution.model):
+            raise ModelNotAllowed(resolution.model)
         yield from self.balancer.attempts(resolution.targets, waits=self.admission.must_wait)
         for fallback in resolution.fallbacks:
+            if allows is not None and not allows(fallback.model):
+                log.info("model %s: fallback %s is not allowed for this key", resolution.model, fallback.model)
+                continue
             log.info("model %s failed on every deployment; falling back to %s", resolution.model, fallback.model)
             yield from self.balancer.attempts(fallback.targets, waits=self.admission.must_wait)
 

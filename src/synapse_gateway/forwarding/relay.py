@@ -45,6 +45,53 @@ class UsageTail:
         return None
 
 
+class UsageRemover:
+    """Takes the final usage-only event out of a stream whose client did not ask for it.
+
+    The gateway asks every counted stream for its usage (`stream_options.include_usage`); a client
+    that did not ask must not get an extra chunk with empty `choices` (code that reads
+    `chunk.choices[0]` breaks on it). Whole events are passed on as they complete; a partial one
+    waits for its end (bounded: an event over 64 KiB is passed on as it is).
+    """
+
+    __slots__ = ("carry",)
+    _MAX_CARRY = 65536
+
+    def __init__(self) -> None:
+        self.carry = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self.carry + chunk if self.carry else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            if len(data) > self._MAX_CARRY:
+                self.carry = b""
+                return data
+            self.carry = data
+            return b""
+        whole, self.carry = data[:end + 2], data[end + 2:]
+        if b'"usage":{' in whole or b'"usage": {' in whole:
+            events = whole.split(b"\n\n")[:-1]  # `whole` ends with a separator
+            whole = b"".join(event + b"\n\n" for event in events if not _usage_only(event))
+        return whole
+
+    def rest(self) -> bytes:
+        rest, self.carry = self.carry, b""
+        return rest
+
+
+def _usage_only(event: bytes) -> bool:
+    """Whether one SSE event is the usage-only chunk (`choices` empty, `usage` set)."""
+    start = event.find(b"data: {")
+    if start < 0 or b'"usage"' not in event:
+        return False
+    try:
+        data = orjson.loads(event[start + 6:])
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and data.get("choices") == [] and isinstance(data.get("usage"), dict)
+
+
 def record_usage(record: RequestRecord, usage: object) -> None:
     """Keep the token counts of a `usage` object, only when they are non-negative integers."""
     if not isinstance(usage, dict):
@@ -97,13 +144,14 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse, first_ch
         await response.prepare(request)
     request[STARTED] = True
     tail = UsageTail()
+    remover = UsageRemover() if sse and record.hide_usage else None
     chunk = first_chunk
     failure: GatewayError | None = None
     idle = backend.timeouts.stream_idle
     watchdog = IdleWatchdog(upstream.content, idle)
     try:
         while chunk:
-            await response.write(chunk)
+            await response.write(chunk if remover is None else remover.feed(chunk))
             if sse:
                 tail.feed(chunk)
             try:
@@ -116,6 +164,8 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse, first_ch
                     failure = BadGateway(f"backend {backend.name} dropped the stream")
                 break
             watchdog.touch()
+        if remover is not None and remover.carry:
+            await response.write(remover.rest())
         if failure is not None:
             record.error = failure.message
             if not sse:

@@ -1,0 +1,141 @@
+"""What a key may do with one request: which models it may be served, and what its limits let through.
+
+The model check runs on what will really be served: the resolution's model after alias, pattern,
+discovery and fallback, and its `fallbacks` models one by one (the attempt loop asks again before it
+tries each). Limits are taken once per request, before its first attempt: a reservation of tokens
+(a prompt estimate plus `max_tokens`) and money, settled to the real `usage` when the request ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from ..accesslog import RequestRecord
+from ..config.access import AuthConfig, Price
+from ..errors import ModelNotAllowed, RateLimited
+from ..routing import Resolution
+from .keys import ApiKey, cost_of, iso
+from .limits import Grant, Limiter, LimitExceeded, Usage
+
+log = logging.getLogger("synapse.limits")
+_BYTES_PER_TOKEN = 4  # a prompt's size in tokens is estimated from its JSON: generous, never short
+
+
+@dataclasses.dataclass(slots=True)
+class Admitted:
+    """A request's hold on its key's limits, settled once when it ends."""
+
+    key: ApiKey
+    model: str
+    grant: Grant | None
+    reserved: Usage
+    prompt_tokens: int
+
+
+class AccessControl:
+    """Model permissions and limits for virtual keys (the master key has neither)."""
+
+    def __init__(self, auth: AuthConfig, limiter: Limiter) -> None:
+        self.limiter = limiter
+        self.prices = auth.prices
+        self.default_max_tokens = auth.default_max_tokens
+
+    @staticmethod
+    def permit(key: ApiKey, resolution: Resolution) -> Resolution:
+        """`resolution` cut to what `key` may be served: 403 when its own model is not allowed; fallbacks
+        to models it may not use are dropped."""
+        if not key.allows(resolution.model):
+            raise ModelNotAllowed(resolution.model)
+        allowed = tuple(f for f in resolution.fallbacks if key.allows(f.model))
+        if len(allowed) != len(resolution.fallbacks):
+            resolution = dataclasses.replace(resolution, fallbacks=allowed)
+        return resolution
+
+    async def admit(self, key: ApiKey, model: str, payload: dict[str, Any] | None, *, body_size: int,
+                    generates: bool) -> Admitted:
+        """Take the key's limits for one request, or raise 429 with the limit's state.
+
+        `generates`: whether the answer is made of tokens (chat, completions), so `max_tokens` counts.
+        """
+        limits = key.limits(time.time())
+        prompt = body_size // _BYTES_PER_TOKEN if payload is not None else 0
+        answer = _max_tokens(payload, key.settings.default_max_tokens or self.default_max_tokens) if generates else 0
+        prices = self._prices(key)
+        reserved = Usage(prompt + answer, cost_of(prices, model, prompt, answer) if prices else 0.0)
+        if not limits.any:
+            return Admitted(key, model, None, reserved, prompt)
+        try:
+            grant = await self.limiter.acquire(key.id, limits, reserved)
+        except LimitExceeded as exc:
+            log.info("key %s refused: %s", key.id, exc.reason)
+            raise _refusal(exc) from None
+        return Admitted(key, model, grant, reserved, prompt)
+
+    async def settle(self, admitted: Admitted, record: RequestRecord) -> float:
+        """Charge what the request really used and free its hold; returns its cost."""
+        used = self.usage_of(admitted, record)
+        if admitted.grant is not None:
+            await self.limiter.settle(admitted.grant, used)
+        return used.cost
+
+    def usage_of(self, admitted: Admitted, record: RequestRecord) -> Usage:
+        """The backend's `usage` when it sent one; else the reservation if an answer was under way (a
+        client that leaves mid-stream still pays), and nothing for a request that never got one."""
+        if record.tokens_in is not None or record.tokens_out is not None:
+            tokens_in, tokens_out = record.tokens_in or 0, record.tokens_out or 0
+            prices = self._prices(admitted.key)
+            cost = cost_of(prices, admitted.model, tokens_in, tokens_out) if prices else 0.0
+            return Usage(tokens_in + tokens_out, cost)
+        if record.first_byte is not None or 200 <= record.status < 300:
+            return admitted.reserved
+        return Usage()
+
+    def cost(self, key: ApiKey | None, model: str, record: RequestRecord) -> float | None:
+        """A request's cost at its key's prices, for the usage ledger (None: nothing priced)."""
+        prices = self._prices(key) if key is not None else self.prices
+        if not prices or (record.tokens_in is None and record.tokens_out is None):
+            return None
+        return cost_of(prices, model, record.tokens_in or 0, record.tokens_out or 0)
+
+    def _prices(self, key: ApiKey) -> dict[str, Price]:
+        own = key.settings.prices
+        return {**self.prices, **own} if own else self.prices
+
+
+def _max_tokens(payload: dict[str, Any] | None, default: int) -> int:
+    """What the answer may cost: the request's own cap, else the key's (or the gateway's) default."""
+    if payload is None:
+        return 0
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = payload.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
+def _refusal(exc: LimitExceeded) -> RateLimited:
+    retry_after = max(1, int(exc.retry_after + 0.999))
+    if exc.reason == "budget":
+        reset = exc.limits.period_end
+        when = f"; it resets at {iso(reset)}" if reset is not None else "; it does not reset"
+        error = RateLimited(f"budget exceeded for this key{when}", code="budget_exceeded", retry_after=retry_after)
+    else:
+        error = RateLimited(str(exc), retry_after=retry_after)
+    error.headers.update(rate_headers(exc.limits.rpm, exc.limits.tpm, exc.remaining_requests, exc.remaining_tokens))
+    return error
+
+
+def rate_headers(rpm: int | None, tpm: int | None, remaining_requests: int | None,
+                 remaining_tokens: int | None) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-*` headers for the limits a key has."""
+    headers: dict[str, str] = {}
+    if rpm is not None:
+        headers["x-ratelimit-limit-requests"] = str(rpm)
+        headers["x-ratelimit-remaining-requests"] = str(max(0, remaining_requests or 0))
+    if tpm is not None:
+        headers["x-ratelimit-limit-tokens"] = str(tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, remaining_tokens or 0))
+    return headers

@@ -1,0 +1,195 @@
+"""Every key this replica knows, in memory, kept in step with the database by polling its change log.
+
+Authentication never touches the database: a request's key is looked up here in microseconds. Key
+writes go to the database first, then here; other replicas see them on their next poll
+(`auth.key_sync_interval`, 0.5 s by default), so a revoked key stops everywhere within a second. A
+database that cannot be reached keeps the last known keys in force and is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..config.access import AuthConfig, KeySettings
+from ..errors import Conflict, NotFound
+from ..storage.database import Database, StorageError
+from ..storage.keystore import KeyStore, StoredKey
+from .keys import ApiKey, hash_key, key_id_of, matches_hash, new_key
+
+log = logging.getLogger("synapse.keys")
+Connect = Callable[[], Awaitable[Database]]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who sent a request: the master key (`key` None) or a virtual key."""
+
+    key: ApiKey | None
+
+    @property
+    def id(self) -> str:
+        return "master" if self.key is None else self.key.id
+
+    @property
+    def admin(self) -> bool:
+        return self.key is None or self.key.admin
+
+    @property
+    def inference(self) -> bool:
+        return self.key is None or not self.key.admin
+
+
+MASTER = Principal(None)
+
+
+class Keyring:
+    """The keys in force: the master key, keys declared in the config, and keys kept in the database."""
+
+    def __init__(self, auth: AuthConfig, connect: Connect | None) -> None:
+        self._master = auth.master_key.encode() if auth.master_key else None
+        self.required = auth.required
+        now = time.time()
+        self.declared = {d.id: ApiKey.declared(d, now) for d in auth.keys}
+        self.keys: dict[str, ApiKey] = dict(self.declared)
+        self._connect = connect
+        self._interval = auth.key_sync_interval
+        self._store: KeyStore | None = None
+        self._version = 0
+        self._task: asyncio.Task[None] | None = None
+        self._outage = False
+
+    @property
+    def has_master(self) -> bool:
+        return self._master is not None
+
+    def authenticate(self, presented: str) -> Principal | None:
+        """The principal behind a presented key, or None for a missing, unknown, expired or revoked one."""
+        key_id = key_id_of(presented)
+        if key_id is not None:
+            key = self.keys.get(key_id)
+            if key is not None and matches_hash(presented, key.hash) and key.usable(time.time()):
+                return Principal(key)
+            return None
+        if self._master is not None and hmac.compare_digest(presented.encode(), self._master):
+            return MASTER
+        return None
+
+    # -- keeping in step with the database --------------------------------------------------------
+
+    async def start(self) -> None:
+        """Read the stored keys (waiting a few seconds at most), then keep polling for changes."""
+        if self._connect is None:
+            return
+        try:
+            await asyncio.wait_for(self.sync(), timeout=5.0)
+        except (StorageError, TimeoutError) as exc:
+            self._store = None
+            self._outage = True
+            log.warning("cannot read keys from the database at start-up (%s); only the master key and the "
+                        "config's keys are in force until it answers", exc or "no answer in 5s")
+        self._task = asyncio.create_task(self._poll(), name="key-sync")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await asyncio.wait_for(self.sync(), timeout=5.0)
+                if self._outage:
+                    log.info("the key database answers again; keys are in step")
+                self._outage = False
+            except (StorageError, TimeoutError) as exc:
+                self._store = None
+                if not self._outage:
+                    log.warning("cannot read keys from the database (%s); the last known keys stay in force",
+                                exc or "no answer in 5s")
+                self._outage = True
+
+    async def store(self) -> KeyStore:
+        if self._store is None:
+            if self._connect is None:
+                raise Conflict("this gateway keeps no key database, so keys can only be declared in its config")
+            self._store = KeyStore(await self._connect())
+        return self._store
+
+    async def sync(self) -> None:
+        """Apply every change since the last one seen."""
+        store = await self.store()
+        for stored in await store.changes_since(self._version):
+            self._apply(stored)
+
+    def _apply(self, stored: StoredKey) -> None:
+        self._version = max(self._version, stored.version)
+        if stored.id in self.declared:
+            return  # the config file is the source of truth for its own keys
+        if stored.deleted:
+            self.keys.pop(stored.id, None)
+            return
+        try:
+            settings = KeySettings.model_validate(stored.data)
+        except ValueError as exc:
+            log.error("stored key %s is not valid (%s); it is not in force", stored.id, exc)
+            self.keys.pop(stored.id, None)
+            return
+        self.keys[stored.id] = ApiKey.build(stored.id, stored.hash, settings, stored.created_at)
+
+    # -- management -----------------------------------------------------------------------------
+
+    def find(self, reference: str) -> ApiKey:
+        """A key by its id or by the key itself (LiteLLM scripts pass the key); 404 when unknown."""
+        key_id = key_id_of(reference) or reference
+        key = self.keys.get(key_id)
+        if key is None or (key_id != reference and not matches_hash(reference, key.hash)):
+            raise NotFound("no such key; GET /key/list shows the keys")
+        return key
+
+    async def create(self, settings: KeySettings) -> tuple[ApiKey, str]:
+        """A new key; the returned secret is shown once and never kept."""
+        store = await self.store()
+        key_id, secret = new_key()
+        while key_id in self.keys or key_id in self.declared:
+            key_id, secret = new_key()
+        stored = await store.put(key_id, hash_key(secret), _data(settings))
+        self._apply(stored)
+        return self.keys[key_id], secret
+
+    async def update(self, reference: str, changes: dict[str, Any]) -> ApiKey:
+        key = self._writable(reference)
+        settings = KeySettings.model_validate({**_data(key.settings), **changes})
+        stored = await (await self.store()).put(key.id, key.hash, _data(settings))
+        self._apply(stored)
+        return self.keys[key.id]
+
+    async def rotate(self, reference: str) -> tuple[ApiKey, str]:
+        """A new secret for the same key (id, limits and spend kept); the old secret stops at once."""
+        key = self._writable(reference)
+        _, secret = new_key(key.id)
+        stored = await (await self.store()).put(key.id, hash_key(secret), _data(key.settings))
+        self._apply(stored)
+        return self.keys[key.id], secret
+
+    async def delete(self, reference: str) -> ApiKey:
+        key = self._writable(reference)
+        await (await self.store()).delete(key.id)
+        self.keys.pop(key.id, None)
+        return key
+
+    def _writable(self, reference: str) -> ApiKey:
+        key = self.find(reference)
+        if key.source == "config":
+            raise Conflict(f"key {key.id} is declared in the config file; change it there")
+        return key
+
+
+def _data(settings: KeySettings) -> dict[str, Any]:
+    return settings.model_dump(mode="json")
