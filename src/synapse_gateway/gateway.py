@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from .access.checkpoint import SpendCheckpoint
 from .access.control import AccessControl
 from .access.keyring import Keyring
 from .access.limits import Limiter, MemoryLimiter
@@ -58,6 +59,7 @@ class Gateway:
     keyring: Keyring
     access: AccessControl
     ledger: UsageLedger | None
+    checkpoint: SpendCheckpoint
     draining: bool = False
     ready: bool = False
     settings: ServerConfig = field(init=False)
@@ -94,8 +96,9 @@ class Gateway:
         usage = config.usage
         ledger = UsageLedger(state, metrics.registry, buffer_size=usage.buffer_size, batch_size=usage.batch_size,
                              flush_interval=usage.flush_interval) if usage.enabled else None
+        checkpoint = SpendCheckpoint(access.limiter, keyring, state)
         return cls(loaded, backends, catalog, proxy, metrics, session, access_log, gpu, engines, boot, state,
-                   keyring, access, ledger)
+                   keyring, access, ledger, checkpoint)
 
     def __post_init__(self) -> None:
         self.settings = self.loaded.config.server  # read on every request: one attribute, not three
@@ -120,6 +123,7 @@ class Gateway:
         if self.ledger is not None:
             await self.ledger.start()
         await self.keyring.start()
+        await self.checkpoint.start()
         starting = [asyncio.create_task(engine.start(), name=f"start-{engine.name}") for engine in self.boot_engines]
         if self.gpu is not None:
             await asyncio.gather(*starting)  # the scheduler asks running engines whether they are resident
@@ -137,6 +141,7 @@ class Gateway:
         await self.catalog.stop()
         await asyncio.gather(*(engine.stop() for engine in self.engines), *starting, return_exceptions=True)
         await self.keyring.close()
+        await self.checkpoint.close()
         if self.ledger is not None:
             await self.ledger.close()
         await self.access.limiter.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -106,3 +107,21 @@ def test_a_stream_is_counted_and_the_extra_usage_chunk_is_hidden(start_gateway: 
     assert all(b["stream_options"] == {"include_usage": True} for b in upstream)
     usage = asked[-1].usage
     assert _info(gw, key)["spend_tokens"] == 2 * usage.total_tokens
+
+
+def test_a_spent_budget_stays_spent_after_a_restart(vllm: FakeVLLM, tmp_path: Path) -> None:
+    config = keyed({"v": {"url": vllm.url}}, database_url=f"sqlite:///{tmp_path / 'state.db'}")
+    with ThreadGateway(config) as gw:
+        key = new_key(gw, token_budget=100, budget_duration="30d")
+        statuses = asyncio.run(_sequential(gw, key, 30))
+        assert 200 in statuses and statuses[-1] == 429
+        spent = _info(gw, key)["spend_tokens"]
+    with ThreadGateway(config) as again:
+        assert _info(again, key)["spend_tokens"] == spent
+        assert asyncio.run(_sequential(again, key, 1)) == [429]
+
+
+async def _sequential(gw: ThreadGateway, key: str, count: int) -> list[int]:
+    async with httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        body = {"model": "llama-3.2-8b", "messages": MESSAGES, "max_tokens": 20}
+        return [(await http.post("/v1/chat/completions", json=body)).status_code for _ in range(count)]
