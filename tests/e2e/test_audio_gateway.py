@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import time
 import wave
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -15,6 +17,7 @@ from synapse_gateway.audio import create_audio_app
 from tests.audio.conftest import packaged_config
 from tests.audio.speech import assert_streamed, post_chunked
 from tests.conftest import GatewayFactory
+from tests.e2e.test_usage import rows_of
 from tests.fakes.server import BackgroundServer
 from tests.gateway_harness import ThreadGateway
 
@@ -121,3 +124,15 @@ async def test_speech_is_streamed_through_the_gateway_not_buffered(gw: ThreadGat
     assert_streamed(started, chunks)
     assert headers["transfer-encoding"] == "chunked"
     assert 8 * 1.0 < sum(size for _, size in chunks) / 2 / 24000 < 8 * 6.0  # all of it, at 24 kHz
+
+
+def test_the_usage_ledger_records_characters_spoken_and_seconds_heard(gw: ThreadGateway, spoken: bytes) -> None:
+    with gw.client() as client:
+        client.audio.transcriptions.create(model="whisper-1", file=("fox.wav", spoken, "audio/wav"))
+    database = Path(os.environ["SYNAPSE_DATA_DIR"]) / "synapse.db"
+    rows = rows_of(database, 2)
+    speech, heard = rows[0], rows[1]
+    assert speech["path"] == "/v1/audio/speech" and speech["characters"] == len(SENTENCE)
+    with wave.open(io.BytesIO(spoken)) as wav:  # a streamed WAV's header cannot know its length: count bytes
+        seconds = (len(spoken) - 44) / (wav.getframerate() * wav.getsampwidth() * wav.getnchannels())
+    assert heard["path"] == "/v1/audio/transcriptions" and heard["audio_seconds"] == pytest.approx(seconds, abs=0.1)

@@ -22,7 +22,7 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 FAST = {"flush_interval": 0.05}
 
 
-def _rows(db: Path, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+def rows_of(db: Path, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
     """The ledger's rows, once there are `count` of them (written off the request path, so a moment later)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -53,7 +53,7 @@ def test_one_event_per_request_through_stream_failover_and_disconnect(start_gate
         with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}) as http, http.stream(
                 "POST", "/v1/chat/completions", json={"model": "slow", "messages": MESSAGES, "stream": True}) as s:
             next(s.iter_lines())  # the first event arrived: leave mid-stream
-        rows = _rows(db, 4)
+        rows = rows_of(db, 4)
     assert len(rows) == 4, rows
     by_model = {r["model"]: r for r in rows}
     assert {r["key_id"] for r in rows} == {key_id}
@@ -75,7 +75,7 @@ def test_the_usage_report_sums_by_key_model_and_day(start_gateway: GatewayFactor
         with openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as c:
             for _ in range(times):
                 c.chat.completions.create(model="llama-3.2-8b", messages=MESSAGES)
-    _rows(tmp_path / "u.db", 4)
+    rows_of(tmp_path / "u.db", 4)
     with gw.http() as http:
         report = http.get("/usage/report", params={"group_by": "key,model"}, headers=ADMIN).json()["data"]
     counts = {row["key_id"]: row["requests"] for row in report}

@@ -23,6 +23,8 @@ def render_transcript(transcript: Transcript, response_format: str) -> tuple[byt
     if response_format == "vtt":
         return vtt(transcript).encode(), "text/vtt; charset=utf-8"
     body = verbose_json(transcript) if response_format == "verbose_json" else {"text": transcript.text}
+    # As OpenAI's whisper-1 answers: the seconds of audio heard, which the gateway's usage ledger records.
+    body["usage"] = {"type": "duration", "seconds": round(transcript.duration, 3)}
     return orjson.dumps(body), "application/json"
 
 

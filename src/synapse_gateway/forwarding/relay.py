@@ -93,8 +93,14 @@ def _usage_only(event: bytes) -> bool:
 
 
 def record_usage(record: RequestRecord, usage: object) -> None:
-    """Keep the token counts of a `usage` object, only when they are non-negative integers."""
+    """Keep the token counts of a `usage` object (or a transcription's seconds of audio), only when
+    they are non-negative numbers."""
     if not isinstance(usage, dict):
+        return
+    if usage.get("type") == "duration":  # speech-to-text, as OpenAI reports it
+        seconds = usage.get("seconds")
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0:
+            record.audio_seconds = float(seconds)
         return
     record.tokens_in = _count(usage.get("prompt_tokens"))
     record.tokens_out = _count(usage.get("completion_tokens"))
