@@ -84,6 +84,7 @@ def parse_config(text: str, filename: str = "<config>") -> LoadedConfig:
     problems.extend(check_references(native))
     if config is not None:
         problems.extend(check_budget(config))
+        problems.extend(check_access(config))
     located = sorted((_locate(p, tree, filename, dialect) for p in problems), key=lambda p: p.line or 0)
     if config is None or any(p.severity == "error" for p in located):
         raise ConfigError(located)
@@ -227,6 +228,24 @@ def check_references(data: dict[str, Any]) -> list[Problem]:
                                         "give each public model name one route; list several "
                                         "`deployments` to serve it from several backends", ("routes", index)))
             names[name] = index
+    return problems
+
+
+def check_access(config: SynapseConfig) -> list[Problem]:
+    """Access settings that would not do what they seem to: money budgets with no prices, replicas
+    that would each keep their own keys."""
+    problems: list[Problem] = []
+    auth = config.auth
+    for index, key in enumerate(auth.keys):
+        if key.max_budget is not None and not (auth.prices or key.prices):
+            problems.append(Problem("warning", f"key {key.id} has a `max_budget` in money but no model has a price, "
+                                    "so every request costs 0", "add `auth.prices: {\"llama-*\": {input: 0.1, "
+                                    "output: 0.2}}` (money per million tokens), or use `token_budget`",
+                                    ("auth", "keys", index, "max_budget")))
+    if config.redis_url and config.database_url is None:
+        problems.append(Problem("warning", "`redis_url` shares limits between replicas, but keys and usage stay in "
+                                "each replica's own SQLite file", "set `database_url: postgresql://...` on every "
+                                "replica so that they share keys and the usage ledger", ("redis_url",)))
     return problems
 
 
