@@ -1,7 +1,8 @@
-"""The `synapse` command: serve the gateway, check a config."""
+"""The `synapse` command: serve the gateway, check a config, and drive a running gateway's admin routes."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ import click
 
 from . import __version__
 from .accesslog import setup_logging
+from .cli_access import keys, usage
 from .config import ConfigError, LoadedConfig, check_file, load_config
 
 
@@ -21,6 +23,10 @@ from .config import ConfigError, LoadedConfig, check_file, load_config
 @click.version_option(__version__, prog_name="synapse")
 def main() -> None:
     """Synapse: one OpenAI-compatible endpoint in front of your inference servers."""
+
+
+main.add_command(keys)
+main.add_command(usage)
 
 
 @main.command()
@@ -34,6 +40,10 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_forma
     """Run the gateway."""
     loaded = _load_or_exit(config_path)
     settings = loaded.config.server
+    host, port = host or settings.host, settings.port if port is None else port
+    exposed = open_access_warning(host, port, auth_required=loaded.config.auth.required)
+    if exposed:
+        click.echo(exposed, err=True)
     setup_logging(settings.log_level, json_lines=log_format == "json")
     import logging
 
@@ -42,7 +52,42 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_forma
         log.warning("%s", warning.render())
     from .server import run
 
-    run(loaded, host or settings.host, settings.port if port is None else port)
+    run(loaded, host, port)
+
+
+def open_access_warning(host: str, port: int, *, auth_required: bool) -> str | None:
+    """The framed warning `serve` prints when it listens beyond this machine without requiring a key.
+
+    A log line scrolls by in a collector; this lands on the terminal of whoever started the gateway.
+    """
+    if auth_required or _is_loopback(host):
+        return None
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [
+        f"WARNING: Synapse listens on {address} and requires no API key.",
+        f"Anyone who can reach {address} can use every model, spend your GPUs",
+        "and read /metrics (model names, traffic, backends). To require a key,",
+        "add this to the config and export SYNAPSE_MASTER_KEY:",
+        "",
+        "  auth:",
+        "    mode: required",
+        "    master_key: os.environ/SYNAPSE_MASTER_KEY",
+        "",
+        "Then give each user a key: `synapse keys create --alias NAME`.",
+        "Only this machine needs access? Serve with --host 127.0.0.1.",
+    ]
+    width = max(len(line) for line in lines)
+    rule = "!" * (width + 4)
+    return "\n".join([rule, *(f"! {line:<{width}} !" for line in lines), rule])
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and `localhost`; a name that may resolve elsewhere is not."""
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 @main.command()
@@ -89,7 +134,7 @@ def audio_engine(config_path: str | None, host: str, port: int) -> None:
               help="The running gateway.")
 def list_engines(url: str) -> None:
     """List the managed engines of a running gateway: state, PID, uptime, restarts, memory."""
-    engines = _admin(url, "GET", "/admin/engines")["engines"]
+    engines = admin_request(url, "GET", "/admin/engines")["engines"]
     if not engines:
         click.echo("no managed engines (a backend gets one with `managed: {command: [...]}`)")
         return
@@ -110,7 +155,7 @@ def gpu() -> None:
 @click.option("--url", default="http://127.0.0.1:4000", envvar="SYNAPSE_URL", show_default=True)
 def gpu_status(url: str) -> None:
     """Each unit's state, memory held, last use, requests in flight and queue; each device's budget."""
-    status = _admin(url, "GET", "/admin/gpu")
+    status = admin_request(url, "GET", "/admin/gpu")
     for device in status["devices"]:
         click.echo(f"device {device['device']}: {device['used'] / 2**30:.1f} of {device['budget'] / 2**30:.1f} GiB")
     click.echo(f"{'UNIT':<28} {'DRIVER':<11} {'STATE':<9} {'HELD':>9} {'IDLE':>8} {'IN FLIGHT':>9} {'QUEUE':>6}")
@@ -124,7 +169,7 @@ def gpu_status(url: str) -> None:
 @click.option("--url", default="http://127.0.0.1:4000", envvar="SYNAPSE_URL", show_default=True)
 def gpu_wake(name: str, url: str) -> None:
     """Make NAME resident now (evicting idle units if needed)."""
-    click.echo(f"{name}: {_admin(url, 'POST', f'/admin/gpu/{_segment(name)}/wake')['state']}")
+    click.echo(f"{name}: {admin_request(url, 'POST', f'/admin/gpu/{_segment(name)}/wake')['state']}")
 
 
 @gpu.command("sleep")
@@ -132,7 +177,7 @@ def gpu_wake(name: str, url: str) -> None:
 @click.option("--url", default="http://127.0.0.1:4000", envvar="SYNAPSE_URL", show_default=True)
 def gpu_sleep(name: str, url: str) -> None:
     """Put NAME to sleep now, if it has nothing in flight."""
-    click.echo(f"{name}: {_admin(url, 'POST', f'/admin/gpu/{_segment(name)}/sleep')['state']}")
+    click.echo(f"{name}: {admin_request(url, 'POST', f'/admin/gpu/{_segment(name)}/sleep')['state']}")
 
 
 def _segment(name: str) -> str:
@@ -140,26 +185,40 @@ def _segment(name: str) -> str:
     return urllib.parse.quote(name, safe="")
 
 
-def _admin(url: str, method: str, path: str) -> dict[str, Any]:
+def admin_request(url: str, method: str, path: str, *, body: dict[str, Any] | None = None,
+                  query: dict[str, str] | None = None, api_key: str | None = None) -> dict[str, Any]:
     """Call an admin route of a running gateway; exit 1 with its error message when it fails.
 
-    The master key comes from SYNAPSE_MASTER_KEY when the gateway has one; a change is sent as JSON,
-    which the gateway requires of admin calls.
+    The bearer is `api_key` (--api-key), else SYNAPSE_API_KEY (an admin key), else SYNAPSE_MASTER_KEY.
+    A POST always sends a JSON body, even `{}`: without a master key the gateway takes admin calls only
+    as local JSON.
     """
     headers = {"Content-Type": "application/json"}
-    key = os.environ.get("SYNAPSE_MASTER_KEY")
+    key = api_key or os.environ.get("SYNAPSE_API_KEY") or os.environ.get("SYNAPSE_MASTER_KEY")
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    data = b"{}" if method != "GET" else None
-    request = urllib.request.Request(f"{url.rstrip('/')}{path}", method=method, headers=headers, data=data)
+    data = json.dumps(body or {}).encode() if method != "GET" else None
+    target = f"{url.rstrip('/')}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise click.BadParameter(f"{url!r} is not a gateway URL; write e.g. http://127.0.0.1:4000",
+                                 param_hint="--url")
+    request = urllib.request.Request(target, method=method, headers=headers, data=data)
     try:
         with urllib.request.urlopen(request, timeout=1800) as answer:
             result: dict[str, Any] = json.load(answer)
             return result
     except urllib.error.HTTPError as exc:
         click.echo(f"synapse: {_error_message(exc)}", err=True)
+        if exc.code == 401:
+            click.echo("synapse: set SYNAPSE_MASTER_KEY to the gateway's master key, or SYNAPSE_API_KEY "
+                       "(or --api-key) to an admin key", err=True)
     except (urllib.error.URLError, OSError) as exc:
-        click.echo(f"synapse: cannot reach the gateway at {url}: {exc}", err=True)
+        click.echo(f"synapse: cannot reach the gateway at {url} ({getattr(exc, 'reason', exc)}); start it with "
+                   "`synapse serve`, or point --url (SYNAPSE_URL) at it", err=True)
+    except ValueError:
+        click.echo(f"synapse: {url}{path} answered with something that is not JSON; is --url a Synapse gateway?",
+                   err=True)
     sys.exit(1)
 
 
