@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import sys
@@ -17,6 +16,7 @@ from . import __version__
 from .accesslog import setup_logging
 from .cli_access import keys, usage
 from .config import ConfigError, LoadedConfig, check_file, load_config
+from .web.serve import is_loopback
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,7 +60,7 @@ def open_access_warning(host: str, port: int, *, auth_required: bool) -> str | N
 
     A log line scrolls by in a collector; this lands on the terminal of whoever started the gateway.
     """
-    if auth_required or _is_loopback(host):
+    if auth_required or is_loopback(host):
         return None
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     lines = [
@@ -79,15 +79,6 @@ def open_access_warning(host: str, port: int, *, auth_required: bool) -> str | N
     width = max(len(line) for line in lines)
     rule = "!" * (width + 4)
     return "\n".join([rule, *(f"! {line:<{width}} !" for line in lines), rule])
-
-
-def _is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and `localhost`; a name that may resolve elsewhere is not."""
-    host = host.strip("[]")
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host.lower() == "localhost"
 
 
 @main.command()

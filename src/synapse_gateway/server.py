@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import ipaddress
 import logging
 
 from .app import create_app
 from .config import LoadedConfig
 from .gateway import GATEWAY_KEY
-from .web.serve import make_runner, run_async, serve_until_signal
+from .web.serve import is_loopback, make_runner, run_async, serve_until_signal
 
 log = logging.getLogger("synapse")
 
@@ -24,9 +23,9 @@ async def serve(loaded: LoadedConfig, host: str, port: int) -> None:
     def listening(bound: int) -> None:
         gc.freeze()  # start-up objects never die: keep them out of every later collection
         log.info("listening on http://%s:%d (config: %s, %s format)", host, bound, loaded.source, loaded.dialect)
-        if not loaded.config.auth.master_key and not _is_loopback(host):
-            log.warning("listening on %s with no master key: anyone who can reach this port can use every "
-                        "model; /admin answers only this machine. Set auth.master_key or SYNAPSE_MASTER_KEY.", host)
+        if not loaded.config.auth.required and not is_loopback(host):
+            log.warning("listening on %s with no API key required: anyone who can reach this port can use every "
+                        "model. Set `auth: {mode: required, master_key: ...}` (see docs/security.md).", host)
 
     async def drain() -> None:
         gateway = app.get(GATEWAY_KEY)
@@ -41,13 +40,6 @@ async def serve(loaded: LoadedConfig, host: str, port: int) -> None:
 
     await serve_until_signal(runner, host, port, on_listening=listening, before_stop=drain)
     log.info("stopped")
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def run(loaded: LoadedConfig, host: str, port: int) -> None:

@@ -22,7 +22,7 @@ def render_transcript(transcript: Transcript, response_format: str) -> tuple[byt
         return srt(transcript).encode(), "text/plain; charset=utf-8"
     if response_format == "vtt":
         return vtt(transcript).encode(), "text/vtt; charset=utf-8"
-    body = verbose_json(transcript) if response_format == "verbose_json" else {"text": transcript.text}
+    body: dict[str, Any] = verbose_json(transcript) if response_format == "verbose_json" else {"text": transcript.text}
     # As OpenAI's whisper-1 answers: the seconds of audio heard, which the gateway's usage ledger records.
     body["usage"] = {"type": "duration", "seconds": round(transcript.duration, 3)}
     return orjson.dumps(body), "application/json"
