@@ -61,6 +61,8 @@ class ApiKey:
     created_at: float
     source: Literal["api", "config"] = "api"
     _patterns: tuple[re.Pattern[str], ...] | None = field(default=None, repr=False, compare=False)
+    # The limits of the current budget period and when they stop being current: read on every request.
+    _current: list[Any] = field(default_factory=lambda: [None, 0.0], repr=False, compare=False)
 
     @classmethod
     def build(cls, key_id: str, key_hash: str, settings: KeySettings, created_at: float,
@@ -91,10 +93,15 @@ class ApiKey:
 
     def limits(self, now: float) -> Limits:
         """The key's limits, with the budget period that `now` falls in."""
+        current, until = self._current
+        if current is not None and now < until:
+            return current  # type: ignore[no-any-return]
         s = self.settings
         period, period_end = budget_period(s.budget_duration, self.created_at, now)
-        return Limits(rpm=s.rpm_limit, tpm=s.tpm_limit, parallel=s.max_parallel_requests,
-                      token_budget=s.token_budget, money_budget=s.max_budget, period=period, period_end=period_end)
+        limits = Limits(rpm=s.rpm_limit, tpm=s.tpm_limit, parallel=s.max_parallel_requests,
+                        token_budget=s.token_budget, money_budget=s.max_budget, period=period, period_end=period_end)
+        self._current[:] = [limits, float("inf") if period_end is None else period_end]
+        return limits
 
     def public(self, now: float | None = None) -> dict[str, Any]:
         """The key as the management API shows it: everything but its hash."""
