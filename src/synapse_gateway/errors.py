@@ -97,6 +97,15 @@ class BackendUnavailable(GatewayError):
         super().__init__(message, retry_after=retry_after, code=code, repeatable=repeatable)
 
 
+class DatabaseUnavailable(GatewayError):
+    """The state database (keys, usage) cannot be reached: a key cannot be written or usage read now."""
+
+    status, error_type, code = 503, "api_error", "database_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after=5)
+
+
 class BackendTimeout(GatewayError):
     status, error_type, code = 504, "api_error", "backend_timeout"
     retryable = True

@@ -89,7 +89,7 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_an_unreachable_database_loses_no_request_and_counts_the_drop(vllm: FakeVLLM) -> None:
+def test_an_unreachable_database_loses_no_request_counts_the_drop_and_refuses_key_writes(vllm: FakeVLLM) -> None:
     config = keyed({"v": {"url": vllm.url}}, database_url=f"postgresql://nobody@127.0.0.1:{_closed_port()}/none",
                    usage={"buffer_size": 100, "flush_interval": 0.05})
     with ThreadGateway(config) as gw, openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-master-test-1234",
@@ -98,5 +98,9 @@ def test_an_unreachable_database_loses_no_request_and_counts_the_drop(vllm: Fake
             assert c.chat.completions.create(model="llama-3.2-8b", messages=MESSAGES).choices
         with gw.http() as http:
             metrics = http.get("/metrics", headers=ADMIN).text
+            refused = http.post("/key/generate", json={}, headers=ADMIN)
+            report = http.get("/usage/report", headers=ADMIN)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "database_unavailable"
+    assert report.status_code == 503 and "Retry-After" in report.headers
     dropped = [line for line in metrics.splitlines() if line.startswith("synapse_usage_events_dropped_total")]
     assert dropped and float(dropped[0].split()[-1]) == 20.0, dropped

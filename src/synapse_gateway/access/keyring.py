@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config.access import AuthConfig, KeySettings
-from ..errors import Conflict, NotFound
+from ..errors import Conflict, DatabaseUnavailable, NotFound
 from ..storage.database import Database, StorageError
 from ..storage.keystore import KeyStore, StoredKey
 from .keys import ApiKey, hash_key, key_id_of, matches_hash, new_key
@@ -122,6 +122,14 @@ class Keyring:
             self._store = KeyStore(await self._connect())
         return self._store
 
+    async def _write(self, write: Callable[[KeyStore], Awaitable[StoredKey | None]]) -> StoredKey | None:
+        """A key write; a database that cannot be reached is a 503 (nothing is changed)."""
+        try:
+            return await write(await self.store())
+        except StorageError as exc:
+            self._store = None
+            raise DatabaseUnavailable(f"the key database cannot be written: {exc}") from exc
+
     async def sync(self) -> None:
         """Apply every change since the last one seen."""
         store = await self.store()
@@ -150,39 +158,39 @@ class Keyring:
         key_id = key_id_of(reference) or reference
         key = self.keys.get(key_id)
         if key is None or (key_id != reference and not matches_hash(reference, key.hash)):
-            raise NotFound("no such key; GET /key/list shows the keys")
+            raise NotFound("no such key; `synapse keys list` (GET /key/list) shows the keys")
         return key
 
     async def create(self, settings: KeySettings) -> tuple[ApiKey, str]:
         """A new key; the returned secret is shown once and never kept."""
-        store = await self.store()
         key_id, secret = new_key()
         while key_id in self.keys or key_id in self.declared:
             key_id, secret = new_key()
-        stored = await store.put(key_id, hash_key(secret), _data(settings))
-        self._apply(stored)
+        self._apply_written(await self._write(lambda store: store.put(key_id, hash_key(secret), _data(settings))))
         return self.keys[key_id], secret
 
     async def update(self, reference: str, changes: dict[str, Any]) -> ApiKey:
         key = self._writable(reference)
         settings = KeySettings.model_validate({**_data(key.settings), **changes})
-        stored = await (await self.store()).put(key.id, key.hash, _data(settings))
-        self._apply(stored)
+        self._apply_written(await self._write(lambda store: store.put(key.id, key.hash, _data(settings))))
         return self.keys[key.id]
 
     async def rotate(self, reference: str) -> tuple[ApiKey, str]:
         """A new secret for the same key (id, limits and spend kept); the old secret stops at once."""
         key = self._writable(reference)
         _, secret = new_key(key.id)
-        stored = await (await self.store()).put(key.id, hash_key(secret), _data(key.settings))
-        self._apply(stored)
+        self._apply_written(await self._write(lambda store: store.put(key.id, hash_key(secret), _data(key.settings))))
         return self.keys[key.id], secret
 
     async def delete(self, reference: str) -> ApiKey:
         key = self._writable(reference)
-        await (await self.store()).delete(key.id)
+        await self._write(lambda store: store.delete(key.id))
         self.keys.pop(key.id, None)
         return key
+
+    def _apply_written(self, stored: StoredKey | None) -> None:
+        assert stored is not None, "a put always returns the stored key"
+        self._apply(stored)
 
     def _writable(self, reference: str) -> ApiKey:
         key = self.find(reference)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -19,12 +20,13 @@ from pydantic import ValidationError
 
 from ..config.access import KeySettings
 from ..config.units import parse_duration
-from ..errors import InvalidRequest
+from ..errors import DatabaseUnavailable, InvalidRequest
 from ..gateway import GATEWAY_KEY, Gateway
+from ..storage.database import StorageError
 from ..storage.report import Grouping, usage_report
 from ..web.responses import json_response
 from .keyring import Keyring
-from .keys import ApiKey
+from .keys import ApiKey, key_id_of
 
 _SETTINGS = set(KeySettings.model_fields)
 # LiteLLM's key fields with no Synapse meaning: accepted so existing scripts run, and reported.
@@ -117,11 +119,14 @@ class KeyRoutes:
         if unknown:
             raise InvalidRequest(f"cannot group by {unknown}; use any of {', '.join(_GROUPS)}", param="group_by")
         groups = [g for g in _GROUPS if g in asked]
-        key_id = None
-        if query.get("key"):
-            key_id = self.keyring.find(query["key"]).id if query["key"] != "master" else "master"
-        rows = await usage_report(await self.gateway.state(), since=_moment(query.get("since"), "since"),
-                                  until=_moment(query.get("until"), "until"), group_by=groups, key_id=key_id)
+        reference = query.get("key")
+        key_id = (key_id_of(reference) or reference) if reference else None  # deleted keys keep their usage
+        since, until = _moment(query.get("since"), "since"), _moment(query.get("until"), "until")
+        try:
+            rows = await usage_report(await self.gateway.state(), since=since, until=until, group_by=groups,
+                                      key_id=key_id)
+        except StorageError as exc:
+            raise DatabaseUnavailable(f"the usage database cannot be read: {exc}") from exc
         return json_response({"data": rows, "group_by": groups})
 
     async def _shown(self, key: ApiKey) -> dict[str, Any]:
@@ -206,8 +211,6 @@ def _moment(value: str | None, name: str) -> float | None:
         return float(value)
     except ValueError:
         pass
-    from datetime import UTC, datetime
-
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
