@@ -10,8 +10,42 @@ from aiohttp import web
 from .body import BodyDeadline, check_model_name
 from .errors import InvalidRequest, PayloadTooLarge
 
-_MODEL_FIELD = re.compile(rb'(?i)content-disposition:[^\r\n]*;\s*name="model"(?:;|\s|$)')
+_MAX_PART_HEAD = 16384  # a part's headers are a few lines; more is not a form a client sends
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+
+
+def part_names(headers: bytes) -> set[str]:
+    """The form names a part's headers give it: the `name` of each `Content-Disposition` line, read as
+    a parameter (a `name="model"` inside a quoted filename, or inside another header, is not one)."""
+    names = set()
+    for line in headers.split(b"\r\n"):
+        field, colon, value = line.partition(b":")
+        if colon and field.strip().lower() == b"content-disposition":
+            name = _parameter(value.decode("utf-8", "replace"), "name")
+            if name is not None:
+                names.add(name)
+    return names
+
+
+def _parameter(value: str, wanted: str) -> str | None:
+    """A parameter of a header value such as `form-data; name="a;b"; filename="x"`, quotes respected."""
+    params: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for char in value:
+        if char == '"':
+            quoted = not quoted
+        elif char == ";" and not quoted:
+            params.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    params.append("".join(current))
+    for param in params[1:]:
+        key, equals, found = param.partition("=")
+        if equals and key.strip().lower() == wanted:
+            return found.strip()
+    return None
 
 
 class FieldScanner:
@@ -21,9 +55,9 @@ class FieldScanner:
     that arrives in many chunks is not searched again from its start on every chunk.
     """
 
-    def __init__(self, boundary: bytes, pattern: re.Pattern[bytes]) -> None:
+    def __init__(self, boundary: bytes, field: str) -> None:
         self.delimiter = b"--" + boundary
-        self.pattern = pattern
+        self.field = field
         self.position = 0
         self.searched = 0
         self.finished = False
@@ -40,13 +74,18 @@ class FieldScanner:
                 return None
             head_end = buffer.find(b"\r\n\r\n", head)
             if head_end < 0:
+                if len(buffer) - head > _MAX_PART_HEAD:
+                    raise InvalidRequest("a part of the upload has headers over 16 KiB", param="file")
                 return None
+            names = part_names(bytes(buffer[head:head_end]))
+            if len(names) > 1:
+                raise InvalidRequest("a part of the upload has two names", param="file")
             closing = b"\r\n" + self.delimiter
             end = buffer.find(closing, max(head_end + 4, self.searched))
             if end < 0:
                 self.searched = max(head_end + 4, len(buffer) - len(closing) + 1)
                 return None
-            if self.pattern.search(buffer, head, head_end + 2):
+            if self.field in names:
                 return head_end + 4, end
             self.position = end + 2
             self.searched = 0
@@ -56,8 +95,10 @@ class FieldScanner:
 class MultipartUpload:
     """An upload whose head has been read up to the `model` field; `body_for` streams the whole of it."""
 
-    def __init__(self, request: web.Request, head: bytearray, span: tuple[int, int], deadline: BodyDeadline) -> None:
+    def __init__(self, request: web.Request, head: bytearray, span: tuple[int, int], deadline: BodyDeadline,
+                 later_parts: SecondField) -> None:
         self.request = request
+        self.later_parts = later_parts
         self.head = head
         self.span = span
         self.deadline = deadline
@@ -75,7 +116,8 @@ class MultipartUpload:
         if not request.content_type.startswith("multipart/form-data") or not match:
             raise InvalidRequest("send the audio as multipart/form-data with `file` and `model` fields",
                                  param="file", code="invalid_content_type")
-        scanner = FieldScanner(match.group(1).encode(), _MODEL_FIELD)
+        boundary = match.group(1).encode()
+        scanner = FieldScanner(boundary, "model")
         head = bytearray()
         # With a Content-Length, read only up to the model field and stream the rest; a chunked upload
         # is read whole (within the limit) so that 413 is decided before a backend sees any of it.
@@ -89,8 +131,9 @@ class MultipartUpload:
             head += chunk
             if len(head) > limit:
                 raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
-        upload = cls(request, head, span, deadline)
+        upload = cls(request, head, span, deadline, SecondField(boundary, "model"))
         check_model_name(upload.model)
+        upload.later_parts.feed(bytes(head[span[1]:]))  # what was read past the field, a whole chunked upload
         return upload
 
     @property
@@ -113,4 +156,34 @@ class MultipartUpload:
         # Bounded in size by the checked Content-Length, and in time by the deadline: a trickling
         # client must not hold the backend (or a GPU unit) for ever.
         while chunk := await self.deadline.read(self.request.content):
+            self.later_parts.feed(chunk)
             yield chunk
+
+
+class SecondField:
+    """Watches the rest of a streamed upload for a second part with the field's name.
+
+    A backend may read the last `model` of a form where the gateway read (and checked) the first, so
+    an upload with two is refused: the stream to the backend is cut, and the client gets a 400.
+    """
+
+    def __init__(self, boundary: bytes, field: str) -> None:
+        self.marker = b"\r\n--" + boundary
+        self.field = field
+        self.carry = b""
+
+    def feed(self, chunk: bytes) -> None:
+        data = self.carry + chunk if self.carry else chunk
+        position = 0
+        while (found := data.find(self.marker, position)) >= 0:
+            head = found + len(self.marker)
+            end = data.find(b"\r\n\r\n", head)
+            if end < 0:
+                if len(data) - head > _MAX_PART_HEAD:
+                    raise InvalidRequest("a part of the upload has headers over 16 KiB", param="file")
+                self.carry = data[found:]
+                return
+            if self.field in part_names(data[head:end]):
+                raise InvalidRequest(f"the upload has more than one `{self.field}` field", param=self.field)
+            position = end
+        self.carry = data[max(position, len(data) - len(self.marker) + 1):]

@@ -136,3 +136,16 @@ def test_the_usage_ledger_records_characters_spoken_and_seconds_heard(gw: Thread
     with wave.open(io.BytesIO(spoken)) as wav:  # a streamed WAV's header cannot know its length: count bytes
         seconds = (len(spoken) - 44) / (wav.getframerate() * wav.getsampwidth() * wav.getnchannels())
     assert heard["path"] == "/v1/audio/transcriptions" and heard["audio_seconds"] == pytest.approx(seconds, abs=0.1)
+
+
+def test_an_upload_with_two_model_fields_is_refused(start_gateway: GatewayFactory, audio_engine: str,
+                                                    spoken: bytes) -> None:
+    gw = start_gateway({"auth": {"master_key": "sk-m"}, "backends": {"audio": {"url": audio_engine}}})
+    with gw.http() as http:
+        made = http.post("/key/generate", json={"models": ["whisper-1"]},
+                         headers={"Authorization": "Bearer sk-m"}).json()["key"]
+        files = [("model", (None, "whisper-1")), ("file", ("fox.wav", spoken, "audio/wav")),
+                 ("model", (None, "whisper-secret"))]
+        answer = http.post("/v1/audio/transcriptions", files=files, headers={"Authorization": f"Bearer {made}"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "model"

@@ -43,7 +43,7 @@ class SpendCheckpoint:
                 stored = await asyncio.wait_for(store.load_spend([(k, p.period) for k, p in periods.items()]), 5.0)
             except (StorageError, TimeoutError) as exc:
                 log.warning("cannot read budget spend from the database (%s); budgets count from zero until "
-                            "it answers", exc or "no answer in 5s")
+                            "it answers", str(exc) or "no answer in 5s")
                 stored = {}
             for (key_id, period), (tokens, cost) in stored.items():
                 await self.limiter.seed(key_id, period, Usage(tokens, cost), period_end=periods[key_id].period_end)
@@ -71,7 +71,7 @@ class SpendCheckpoint:
         try:
             await asyncio.wait_for(KeyStore(await self.state()).save_spend(changed), 5.0)
         except (StorageError, TimeoutError) as exc:
-            log.warning("cannot save budget spend to the database (%s); will retry", exc or "no answer in 5s")
+            log.warning("cannot save budget spend to the database (%s); will retry", str(exc) or "no answer in 5s")
             return
         for key_id, period, tokens, cost in changed:
             self._saved[(key_id, period)] = Usage(tokens, cost)

@@ -75,8 +75,8 @@ class Keyring:
             key = self.keys.get(key_id)
             if key is not None and matches_hash(presented, key.hash) and key.usable(time.time()):
                 return Principal(key)
-            return None
-        if self._master is not None and hmac.compare_digest(presented.encode(), self._master):
+        if self._master is not None and hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
+                                                            self._master):
             return MASTER
         return None
 
@@ -92,7 +92,7 @@ class Keyring:
             self._store = None
             self._outage = True
             log.warning("cannot read keys from the database at start-up (%s); only the master key and the "
-                        "config's keys are in force until it answers", exc or "no answer in 5s")
+                        "config's keys are in force until it answers", str(exc) or "no answer in 5s")
         self._task = asyncio.create_task(self._poll(), name="key-sync")
 
     async def close(self) -> None:
@@ -108,11 +108,11 @@ class Keyring:
                 if self._outage:
                     log.info("the key database answers again; keys are in step")
                 self._outage = False
-            except (StorageError, TimeoutError) as exc:
+            except Exception as exc:  # noqa: BLE001 - the poll must outlive any failure; it says why
                 self._store = None
                 if not self._outage:
                     log.warning("cannot read keys from the database (%s); the last known keys stay in force",
-                                exc or "no answer in 5s")
+                                str(exc) or "no answer in 5s")
                 self._outage = True
 
     async def store(self) -> KeyStore:
@@ -134,10 +134,12 @@ class Keyring:
         """Apply every change since the last one seen."""
         store = await self.store()
         for stored in await store.changes_since(self._version):
+            self._version = max(self._version, stored.version)
             self._apply(stored)
 
     def _apply(self, stored: StoredKey) -> None:
-        self._version = max(self._version, stored.version)
+        """Put a stored key in force. The version seen moves only in `sync`: a write of this replica
+        must not skip a change another replica committed just before it."""
         if stored.id in self.declared:
             return  # the config file is the source of truth for its own keys
         if stored.deleted:
@@ -195,7 +197,8 @@ class Keyring:
     def _writable(self, reference: str) -> ApiKey:
         key = self.find(reference)
         if key.source == "config":
-            raise Conflict(f"key {key.id} is declared in the config file; change it there")
+            raise Conflict(f"key {key.id} is declared in the config file; change it there",
+                           code="key_declared_in_config")
         return key
 
 

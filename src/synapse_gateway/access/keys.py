@@ -34,7 +34,8 @@ def new_key(key_id: str | None = None) -> tuple[str, str]:
 
 
 def hash_key(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    # surrogateescape: a header's undecodable bytes hash like any other wrong key (never an error)
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def key_id_of(presented: str) -> str | None:
