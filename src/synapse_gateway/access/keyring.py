@@ -108,7 +108,7 @@ class Keyring:
                 if self._outage:
                     log.info("the key database answers again; keys are in step")
                 self._outage = False
-            except Exception as exc:  # noqa: BLE001 - the poll must outlive any failure; it says why
+            except Exception as exc:  # the poll must outlive any failure; the log says why
                 self._store = None
                 if not self._outage:
                     log.warning("cannot read keys from the database (%s); the last known keys stay in force",
