@@ -35,3 +35,23 @@ def test_an_unterminated_tail_is_passed_on_at_the_end() -> None:
     remover = UsageRemover()
     assert remover.feed(CHUNKS[0] + b"data: {\"partial") == CHUNKS[0]
     assert remover.rest() == b"data: {\"partial"
+
+
+@pytest.mark.parametrize("ending", [b"\r\n\r\n", b"\r\r"])
+def test_other_line_endings_and_no_space_after_data(ending: bytes) -> None:
+    events = [b'data:{"choices":[{"delta":{"content":"a"}}]}', b'data:{"choices":[],"usage":{"prompt_tokens":1}}',
+              b"data: [DONE]"]
+    stream = b"".join(event + ending for event in events)
+    remover = UsageRemover()
+    first = remover.feed(stream[:len(events[0]) + len(ending)])
+    assert first == events[0] + ending, "a whole event is passed on at once"
+    rest = remover.feed(stream[len(first):]) + remover.rest()
+    assert rest == events[2] + ending
+
+
+def test_the_tail_reads_usage_whatever_the_line_ending() -> None:
+    from synapse_gateway.forwarding.relay import UsageTail
+
+    tail = UsageTail()
+    tail.feed(b'data:{"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2}}\r\n\r\ndata: [DONE]\r\n\r\n')
+    assert tail.usage() == {"prompt_tokens": 4, "completion_tokens": 2}

@@ -21,7 +21,8 @@ from .keys import ApiKey, cost_of, iso
 from .limits import Grant, Limiter, LimitExceeded, Usage
 
 log = logging.getLogger("synapse.limits")
-_BYTES_PER_TOKEN = 4  # a prompt's size in tokens is estimated from its JSON: generous, never short
+_BYTES_PER_TOKEN = 4  # a prompt's size in tokens is estimated from its JSON: generous for most text
+_MOST_TOKENS = 2**40  # no request reserves more (a larger count is a mistake or an attack on the counters)
 
 
 @dataclasses.dataclass(slots=True)
@@ -89,9 +90,9 @@ class AccessControl:
             prices = self._prices(admitted.key)
             cost = cost_of(prices, admitted.model, tokens_in, tokens_out) if prices else 0.0
             return Usage(tokens_in + tokens_out, cost)
-        if record.first_byte is not None or 200 <= record.status < 300:
+        if record.first_byte is not None or (200 <= record.status < 300 and record.error is None):
             return admitted.reserved
-        return Usage()
+        return Usage()  # nothing was answered (a stream that only sent keep-alives, then an error, included)
 
     def cost(self, key: ApiKey | None, model: str, record: RequestRecord) -> float | None:
         """A request's cost at its key's prices, for the usage ledger (None: nothing priced)."""
@@ -106,14 +107,35 @@ class AccessControl:
 
 
 def _max_tokens(payload: dict[str, Any] | None, default: int) -> int:
-    """What the answer may cost: the request's own cap, else the key's (or the gateway's) default."""
+    """What the answer may cost: the request's own cap (as a backend would read it: `"40000"` and
+    `40000.0` too) times the answers asked for (`n`, `best_of`, a list of prompts), else the key's
+    (or the gateway's) default; never more than _MOST_TOKENS."""
     if payload is None:
         return 0
+    cap = default
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = payload.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return default
+        value = _whole(payload.get(name))
+        if value is not None and value > 0:
+            cap = value
+            break
+    answers = max(_whole(payload.get("n")) or 1, _whole(payload.get("best_of")) or 1, 1)
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
+        answers *= len(prompt)  # a list of prompts (not one prompt of token ids): an answer each
+    return min(cap * answers, _MOST_TOKENS)
+
+
+def _whole(value: object) -> int | None:
+    """A whole number as lax JSON readers (pydantic) take it: 7, 7.0 or "7"."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
 
 
 def _refusal(exc: LimitExceeded) -> RateLimited:

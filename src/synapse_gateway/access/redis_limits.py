@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .limits import (
     BUSY_RETRY,
@@ -211,6 +211,7 @@ class RedisLimiter:
         self._fallback = MemoryLimiter()
         self._ticket = ticket_source()
         self._live: dict[str, Grant] = {}  # granted through Redis, not yet settled
+        self._abandoned: set[asyncio.Task[Any]] = set()  # grants whose requester left, being given back
         self._known: dict[str, tuple[str, Usage]] = {}  # last settled spend Redis reported, per key: (period, spend)
         self._owed: dict[tuple[str, str], tuple[Usage, float | None]] = {}  # settled while Redis was away
         self._down_until: float | None = None  # monotonic time before which Redis is not tried; None: up
@@ -239,7 +240,12 @@ class RedisLimiter:
         args = (ticket, _arg(limits.rpm), _arg(limits.tpm), _arg(limits.parallel), _arg(limits.token_budget),
                 _arg(limits.money_budget), limits.period, _arg(limits.period_end), reserve.tokens,
                 repr(float(reserve.cost)), int(self._lease * 1_000_000), _WINDOW_US, *self._constants)
-        reply = await self._script("acquire", self._keys(key_id, limits.period), args)
+        running = asyncio.ensure_future(self._script("acquire", self._keys(key_id, limits.period), args))
+        try:
+            reply = await asyncio.shield(running)
+        except asyncio.CancelledError:  # the client left while Redis was granting: give back what it grants
+            running.add_done_callback(lambda done: self._give_back(done, key_id, limits, ticket, reserve))
+            raise
         if reply is None:
             await self._seed_fallback(key_id, limits)
             return await self._fallback.acquire(key_id, limits, reserve, now=now)
@@ -254,6 +260,18 @@ class RedisLimiter:
         grant = Grant(key_id, ticket, limits, reserve, _int(reply[1]), _int(reply[2]))
         self._live[ticket] = grant
         return grant
+
+    def _give_back(self, done: asyncio.Future[Any], key_id: str, limits: Limits, ticket: str, reserve: Usage) -> None:
+        """Settle, at nothing used, a grant Redis made for a request that had already gone."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        reply = done.result()
+        if reply is None or not int(reply[0]):
+            return
+        grant = self._live[ticket] = Grant(key_id, ticket, limits, reserve, None, None)
+        task = asyncio.ensure_future(self.settle(grant, Usage()))
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
 
     async def settle(self, grant: Grant, used: Usage) -> None:
         """Replace the reservation by what was used and free the slot; never raises, only the first call counts."""
@@ -312,7 +330,10 @@ class RedisLimiter:
             return None
         try:
             result = await work()
-        except (RedisError, OSError) as exc:  # redis-py's ConnectionError, TimeoutError, ResponseError; sockets
+        except ResponseError as exc:  # a script refused its input: a bug to report, not an outage
+            log.error("a Redis limits script failed (%s); this request is limited per replica", exc)
+            return None
+        except (RedisError, OSError) as exc:  # redis-py's ConnectionError, TimeoutError; sockets
             if self._down_until is None:
                 log.warning("Redis at %s failed (%s): limits are enforced per replica until it answers again",
                             self._where, exc or type(exc).__name__)

@@ -6,6 +6,7 @@ the concept is the same, so one model validates a key from a YAML file and from 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Literal
@@ -17,7 +18,9 @@ from .units import Duration
 _HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _KEY_ID = re.compile(r"^[0-9a-z]{12}$")
 # Budget periods: a number of seconds/minutes/hours/days/weeks, or calendar months ("1mo").
-_PERIOD = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w|mo)\s*$")
+_PERIOD = re.compile(r"^\s*([1-9]\d{0,8})\s*(s|m|h|d|w|mo)\s*$")
+_PERIOD_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "mo": 31 * 86400}
+_LONGEST_PERIOD = 100 * 366 * 86400  # a century: longer is a typo, and dates past it overflow
 
 
 class _Strict(BaseModel):
@@ -55,9 +58,26 @@ class KeySettings(_Strict):
     @field_validator("budget_duration")
     @classmethod
     def _period(cls, value: str | None) -> str | None:
-        if value is not None and not _PERIOD.match(value):
-            raise ValueError(f"{value!r} is not a budget period|write e.g. 1h, 1d, 7d, 30d or 1mo")
-        return value.strip() if value else value
+        if value is None:
+            return None
+        match = _PERIOD.match(value)
+        if not match or int(match.group(1)) * _PERIOD_SECONDS[match.group(2)] > _LONGEST_PERIOD:
+            raise ValueError(f"{value!r} is not a budget period|write e.g. 1h, 1d, 7d, 30d or 1mo (at most a century)")
+        return value.strip()
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value, default=str)) > 16384:
+            raise ValueError("`metadata` is over 16 KiB|keep notes short; every replica holds them in memory")
+        return value
+
+    @field_validator("expires_at")
+    @classmethod
+    def _sane_expiry(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value < 4e9:
+            raise ValueError("`expires_at` must be a unix time before 2096|or leave it out: the key never expires")
+        return value
 
     @field_validator("models")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import aiohttp
@@ -32,17 +33,30 @@ class UsageTail:
 
     def usage(self) -> dict[str, Any] | None:
         """The last `usage` object in the tail, if the backend sent one (stream_options.include_usage)."""
-        for event in reversed(self.tail.split(b"\n\n")):
-            start = event.find(b"data: {")
-            if start < 0 or b'"usage"' not in event:
+        for event in reversed(_EVENT_END.split(self.tail)):
+            if b'"usage"' not in event:
                 continue
-            try:
-                usage = orjson.loads(event[start + 6:]).get("usage")
-            except orjson.JSONDecodeError:
-                continue
+            data = _data_of(event)
+            usage = data.get("usage") if data is not None else None
             if isinstance(usage, dict):
                 return usage
         return None
+
+
+# SSE events end with a blank line, whichever line ending the server uses (sse-starlette sends \r\n).
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+def _data_of(event: bytes) -> dict[str, Any] | None:
+    """The JSON object of an event's `data:` field (`data: {` or `data:{`), if it is one."""
+    start = event.find(b"data:")
+    if start < 0:
+        return None
+    try:
+        data = orjson.loads(event[start + 5:].strip())
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class UsageRemover:
@@ -62,17 +76,19 @@ class UsageRemover:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self.carry + chunk if self.carry else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
+        end = max(_end_of(data, b"\n\n"), _end_of(data, b"\r\n\r\n"), _end_of(data, b"\r\r"))
+        if end == 0:  # no event has ended yet
             if len(data) > self._MAX_CARRY:
                 self.carry = b""
                 return data
             self.carry = data
             return b""
-        whole, self.carry = data[:end + 2], data[end + 2:]
+        whole, self.carry = data[:end], data[end:]
         if b'"usage":{' in whole or b'"usage": {' in whole:
-            events = whole.split(b"\n\n")[:-1]  # `whole` ends with a separator
-            whole = b"".join(event + b"\n\n" for event in events if not _usage_only(event))
+            pieces = _EVENT_END.split(whole)
+            ends = _EVENT_END.findall(whole)
+            whole = b"".join(event + ending for event, ending in zip(pieces, ends, strict=False)
+                             if not _usage_only(event))
         return whole
 
     def rest(self) -> bytes:
@@ -80,16 +96,18 @@ class UsageRemover:
         return rest
 
 
+def _end_of(data: bytes, separator: bytes) -> int:
+    """Where the last event ending with `separator` ends in `data` (0: none does)."""
+    found = data.rfind(separator)
+    return found + len(separator) if found >= 0 else 0
+
+
 def _usage_only(event: bytes) -> bool:
     """Whether one SSE event is the usage-only chunk (`choices` empty, `usage` set)."""
-    start = event.find(b"data: {")
-    if start < 0 or b'"usage"' not in event:
+    if b'"usage"' not in event:
         return False
-    try:
-        data = orjson.loads(event[start + 6:])
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(data, dict) and data.get("choices") == [] and isinstance(data.get("usage"), dict)
+    data = _data_of(event)
+    return data is not None and data.get("choices") == [] and isinstance(data.get("usage"), dict)
 
 
 def record_usage(record: RequestRecord, usage: object) -> None:

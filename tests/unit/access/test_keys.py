@@ -93,3 +93,22 @@ def test_a_fallback_to_a_model_the_key_may_not_use_is_dropped() -> None:
     resolution = Resolution("primary", "exact", [], "primary", fallbacks)
     permitted = AccessControl.permit(_key(models=["primary", "ok-*"]), resolution)
     assert [f.model for f in permitted.fallbacks] == ["ok-model"]
+
+
+@pytest.mark.parametrize(("request_fields", "reserved"), [
+    ({"max_tokens": 100}, 100),
+    ({"max_tokens": "100"}, 100),
+    ({"max_tokens": 100.0}, 100),
+    ({"max_completion_tokens": 50, "max_tokens": 100}, 50),
+    ({"max_tokens": 100, "n": 3}, 300),
+    ({"max_tokens": 100, "best_of": 5, "n": 2}, 500),
+    ({"max_tokens": 10, "prompt": ["a", "b", "c"]}, 30),
+    ({"max_tokens": 10, "prompt": [1, 2, 3]}, 10),
+    ({}, 4096),
+    ({"max_tokens": "lots"}, 4096),
+    ({"max_tokens": 2**63 - 1}, 2**40),
+])
+def test_what_a_request_reserves_for_its_answer(request_fields: dict[str, object], reserved: int) -> None:
+    from synapse_gateway.access.control import _max_tokens
+
+    assert _max_tokens({"model": "m", **request_fields}, 4096) == reserved

@@ -380,3 +380,23 @@ async def test_an_outage_keeps_budgets_and_pays_its_spend_when_redis_returns(
     ]
     caplog.clear()  # the outage was staged: the fixture's check for fallbacks must not count it
     await relay.cut()
+
+
+async def test_a_grant_made_for_a_request_that_left_is_given_back(replicas: StartReplica) -> None:
+    """The client disconnects while Redis is granting: the slot must not stay taken for the lease."""
+    limiter = await replicas()
+    limits = Limits(parallel=1)
+    leaving = asyncio.ensure_future(limiter.acquire("k", limits, Usage(1)))
+    await asyncio.sleep(0)  # the script is on its way
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    for _ in range(100):
+        try:
+            grant = await limiter.acquire("k", limits, Usage(1))
+            break
+        except LimitExceeded:
+            await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the departed request's slot was not given back within a second")
+    await limiter.settle(grant, Usage(1))
