@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .access.control import Admitted, rate_headers
 from .accesslog import RequestRecord
-from .auth import PRINCIPAL
+from .auth import PRINCIPAL, is_admin
 from .body import BodyDeadline, BodyFor, JsonBody, read_json_body
 from .errors import GatewayError, ModelNotAllowed, ModelNotFound, NotFound
 from .gateway import GATEWAY_KEY, Gateway
@@ -111,7 +111,7 @@ class Api:
                 raise
             record.source, record.route = resolution.source, resolution.route
             if key is not None:
-                resolution = gateway.access.permit(key, resolution)
+                resolution = gateway.access.permit(key, resolution, asked=model)
                 json = body_for if isinstance(body_for, JsonBody) else None
                 admitted = request[ADMITTED] = await gateway.access.admit(
                     key, resolution.model, json.payload if json else None, body_size=json.size if json else 0,
@@ -153,8 +153,9 @@ class Api:
         models = await gateway.catalog.public_models()
         principal = request.get(PRINCIPAL)
         key = principal.key if principal is not None else None
+        canonical = gateway.catalog.router.canonical
         data = [{"id": name, "object": "model", "created": created, "owned_by": owner}
-                for name, owner in sorted(models.items()) if key is None or key.allows(name)]
+                for name, owner in sorted(models.items()) if key is None or key.allows(canonical(name))]
         return json_response({"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
@@ -163,7 +164,8 @@ class Api:
         model = request.match_info["model"]
         owner = await gateway.catalog.find_model(model)
         principal = request.get(PRINCIPAL)
-        if owner is None or (principal is not None and principal.key is not None and not principal.key.allows(model)):
+        key = principal.key if principal is not None else None
+        if owner is None or (key is not None and not key.allows(gateway.catalog.router.canonical(model))):
             raise ModelNotFound(model)
         return json_response({"id": model, "object": "model", "created": int(gateway.started_at), "owned_by": owner})
 
@@ -183,6 +185,8 @@ class Api:
         engines = {e.name: {"state": str(e.state), "error": e.failure} for e in gateway.engines}
         failed = sorted(e.name for e in gateway.boot_engines if e.is_settled and not e.ready.is_set())
         body = {"backends": backends, "engines": engines, "failed_engines": failed}
+        if gateway.keyring.required and not is_admin(request, gateway.keyring):
+            body = {}  # with keys required, which backends and models exist is for admins to see
         if gateway.draining:
             return json_response({"status": "draining", **body}, 503)
         if not gateway.ready or not gateway.engines_settled:

@@ -52,7 +52,6 @@ def create_app(loaded: LoadedConfig) -> web.Application:
     add("POST", "/key/block", keys.block, guards.admin)
     add("POST", "/key/unblock", keys.block, guards.admin)
     add("POST", "/key/regenerate", keys.regenerate, guards.admin)
-    add("POST", "/key/{key}/regenerate", keys.regenerate, guards.admin)
     add("GET", "/key/info", keys.info, guards.admin)
     add("GET", "/key/list", keys.list, guards.admin)
     add("GET", "/usage/report", keys.usage, guards.admin)

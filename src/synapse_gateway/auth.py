@@ -2,7 +2,8 @@
 
 - inference routes: with `auth.mode: required`, a key of the `inference` scope or the master key;
   with `off`, anyone (and no check is paid for);
-- `/metrics`: any valid key, or open (`auth.metrics: open`);
+- `/metrics`: the master key or an `admin` key, or open (`auth.metrics: open`);
+- `/health/*`: open, but with keys required only an admin sees the readiness details (backends, models);
 - admin and key-management routes: the master key or an `admin`-scope key; with neither configured,
   only this machine (a loopback peer and Host, JSON for changes), so that a web page or a rebound
   DNS name cannot drive them.
@@ -72,11 +73,16 @@ class Guards:
         keyring = self.keyring
 
         @functools.wraps(handler)
-        async def any_key(request: web.Request) -> web.StreamResponse:
-            request[PRINCIPAL] = _authenticate(request, keyring)
+        async def admin_or_master(request: web.Request) -> web.StreamResponse:
+            principal = _authenticate(request, keyring)
+            if not principal.admin:  # the metrics name every model and backend
+                _refuse(request, principal, "an inference key used on /metrics")
+                raise Forbidden("/metrics needs the master key or an `admin` key (or `auth.metrics: open`)",
+                                code="scope_not_allowed")
+            request[PRINCIPAL] = principal
             return await handler(request)
 
-        return any_key
+        return admin_or_master
 
     def admin(self, handler: Handler) -> Handler:
         keyring = self.keyring
@@ -96,6 +102,13 @@ class Guards:
             return await handler(request)
 
         return admin_key
+
+
+def is_admin(request: web.Request, keyring: Keyring) -> bool:
+    """Whether an unguarded request carries the master key or an admin key (never raises)."""
+    key = presented_key(request)
+    principal = keyring.authenticate(key) if key is not None else None
+    return principal is not None and principal.admin
 
 
 def _authenticate(request: web.Request, keyring: Keyring) -> Principal:
@@ -153,4 +166,4 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-__all__ = ["PRINCIPAL", "Guard", "Guards", "local_only", "presented_key", "unguarded"]
+__all__ = ["PRINCIPAL", "Guard", "Guards", "is_admin", "local_only", "presented_key", "unguarded"]

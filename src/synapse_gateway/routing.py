@@ -70,6 +70,11 @@ class Router:
     fallback: Backend | None = None
     _fallback_deployment: Deployment | None = None
 
+    def canonical(self, name: str) -> str:
+        """The model a listed name serves: an alias's route, else the name itself."""
+        route = self.aliases.get(name)
+        return route.name if route is not None else name
+
     @classmethod
     def from_config(cls, config: SynapseConfig, backends: dict[str, Backend]) -> Router:
         router = cls(backends=backends)

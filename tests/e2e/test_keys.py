@@ -98,10 +98,17 @@ def test_an_alias_is_judged_by_the_model_it_resolves_to(start_gateway: GatewayFa
     routes = [{"model": "big-70b", "backend": "v", "upstream": "llama-3.2-8b", "aliases": ["small-fast"]}]
     gw = start_gateway(keyed({"v": {"url": vllm.url, "discover": False}}, routes=routes))
     key = new_key(gw, models=["small-*"])
-    with client(gw, key) as c, pytest.raises(openai.PermissionDeniedError) as refused:
-        c.chat.completions.create(model="small-fast", messages=MESSAGES)
-    assert "big-70b" in str(refused.value)
+    with client(gw, key) as c:
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            c.chat.completions.create(model="small-fast", messages=MESSAGES)
+        assert "small-fast" in str(refused.value) and "big-70b" not in str(refused.value), "the target stays unknown"
+        assert [m.id for m in c.models.list()] == [], "the listing judges an alias by its target too"
     assert chat_calls(vllm) == []
+    target = new_key(gw, models=["big-70b"])
+    with client(gw, target) as c:
+        assert sorted(m.id for m in c.models.list()) == ["big-70b", "small-fast"]
+        assert c.models.retrieve("small-fast").id == "small-fast"
+        assert c.chat.completions.create(model="small-fast", messages=MESSAGES).choices
 
 
 def test_a_pattern_route_serves_only_the_allowed_names(start_gateway: GatewayFactory, vllm: FakeVLLM) -> None:
@@ -162,6 +169,12 @@ def test_scopes_keep_admin_and_inference_apart(start_gateway: GatewayFactory, vl
             assert http.get(path, headers={"Authorization": f"Bearer {admin}"}).status_code == 200, path
         made = http.post("/key/generate", json={}, headers={"Authorization": f"Bearer {admin}"})
         assert made.status_code == 200, "an admin key manages keys"
+        assert http.get("/metrics", headers={"Authorization": f"Bearer {inference}"}).status_code == 403
+        assert http.get("/metrics", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
+        public = http.get("/health/ready", headers={"Authorization": f"Bearer {inference}"}).json()
+        detailed = http.get("/health/ready", headers={"Authorization": f"Bearer {admin}"}).json()
+        assert public == {"status": "ready"}, "which backends and models exist is for admins"
+        assert detailed["status"] == "ready" and "v" in detailed["backends"]
     with client(gw, admin) as c, pytest.raises(openai.PermissionDeniedError):
         c.chat.completions.create(model="llama-3.2-8b", messages=MESSAGES)
     assert chat_calls(vllm) == []
@@ -176,6 +189,10 @@ def test_key_management_refuses_bad_input_clearly(start_gateway: GatewayFactory,
         assert negative.status_code == 400 and negative.json()["error"]["param"] == "rpm_limit"
         period = http.post("/key/generate", json={"budget_duration": "fortnight"}, headers=ADMIN)
         assert period.status_code == 400
+        custom = http.post("/key/generate", json={"key": "sk-my-own"}, headers=ADMIN)
+        assert custom.status_code == 400 and custom.json()["error"]["param"] == "key"
+        stringly = http.post("/key/generate", json={"blocked": "false"}, headers=ADMIN)
+        assert stringly.status_code == 400, "a string is not a boolean: it must not revoke, nor not"
         litellm_only = http.post("/key/generate", json={"team_id": "t1", "user_id": "u"}, headers=ADMIN)
         assert litellm_only.status_code == 200 and litellm_only.json()["ignored_fields"] == ["team_id", "user_id"]
         missing = http.get("/key/info", params={"key": "nosuchkey123"}, headers=ADMIN)
@@ -197,8 +214,10 @@ def test_update_rotate_and_delete(start_gateway: GatewayFactory, vllm: FakeVLLM)
     with client(gw, new) as c:
         assert c.models.list().data
     with gw.http() as http:
-        assert http.post("/key/delete", json={"keys": [new]}, headers=ADMIN).json()["deleted_keys"] == [
-            rotated["key_id"]]
+        missing = http.post("/key/delete", json={"keys": [new, "nosuchkey123"]}, headers=ADMIN)
+        assert missing.status_code == 404
+        assert http.post("/key/delete", json={"keys": [new, rotated["key_id"]]}, headers=ADMIN).json()[
+            "deleted_keys"] == [rotated["key_id"]], "nothing was deleted by the refused call; duplicates count once"
     with client(gw, new) as c, pytest.raises(openai.AuthenticationError):
         c.models.list()
 

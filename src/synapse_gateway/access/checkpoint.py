@@ -30,25 +30,35 @@ class SpendCheckpoint:
         self.state = state
         self.interval = interval
         self._saved: dict[tuple[str, str], Usage] = {}
+        self._seeded: set[tuple[str, str]] = set()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Seed the limiter with the stored spend of each budgeted key's current period."""
+        """Seed the limiter with the stored spend of each budgeted key's current period, then keep
+        checkpointing (and seeding keys that appear later, or all of them once a database that was
+        down answers)."""
+        if not await self.seed():
+            log.warning("cannot read budget spend from the database; budgets count from zero until it answers")
+        self._task = asyncio.create_task(self._run(), name="spend-checkpoint")
+
+    async def seed(self) -> bool:
+        """Seed every budgeted (key, period) not seeded yet; False when the database did not answer."""
         now = time.time()
         periods = {key.id: key.limits(now) for key in self.keyring.keys.values()
                    if key.settings.max_budget is not None or key.settings.token_budget is not None}
-        if periods:
-            try:
-                store = KeyStore(await self.state())
-                stored = await asyncio.wait_for(store.load_spend([(k, p.period) for k, p in periods.items()]), 5.0)
-            except (StorageError, TimeoutError) as exc:
-                log.warning("cannot read budget spend from the database (%s); budgets count from zero until "
-                            "it answers", str(exc) or "no answer in 5s")
-                stored = {}
-            for (key_id, period), (tokens, cost) in stored.items():
-                await self.limiter.seed(key_id, period, Usage(tokens, cost), period_end=periods[key_id].period_end)
-                self._saved[(key_id, period)] = Usage(tokens, cost)
-        self._task = asyncio.create_task(self._run(), name="spend-checkpoint")
+        wanted = [(key_id, limits.period) for key_id, limits in periods.items() if (key_id, limits.period)
+                  not in self._seeded]
+        if not wanted:
+            return True
+        try:
+            stored = await asyncio.wait_for(KeyStore(await self.state()).load_spend(wanted), 5.0)
+        except (StorageError, TimeoutError):
+            return False
+        for (key_id, period), (tokens, cost) in stored.items():
+            await self.limiter.seed(key_id, period, Usage(tokens, cost), period_end=periods[key_id].period_end)
+            self._saved[(key_id, period)] = Usage(tokens, cost)
+        self._seeded.update(wanted)
+        return True
 
     async def close(self) -> None:
         if self._task is not None:
@@ -59,7 +69,11 @@ class SpendCheckpoint:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.save()
+            try:
+                await self.seed()
+                await self.save()
+            except Exception:  # the checkpoint must outlive any failure
+                log.exception("budget checkpoint failed; will retry")
 
     async def save(self) -> None:
         """Write the spend that changed since the last save; a database error waits for the next one."""

@@ -45,11 +45,11 @@ class AccessControl:
         self.default_max_tokens = auth.default_max_tokens
 
     @staticmethod
-    def permit(key: ApiKey, resolution: Resolution) -> Resolution:
-        """`resolution` cut to what `key` may be served: 403 when its own model is not allowed; fallbacks
-        to models it may not use are dropped."""
+    def permit(key: ApiKey, resolution: Resolution, *, asked: str | None = None) -> Resolution:
+        """`resolution` cut to what `key` may be served: 403 when its own model is not allowed (naming
+        the model as `asked`, so an alias's target stays unknown); fallbacks it may not use are dropped."""
         if not key.allows(resolution.model):
-            raise ModelNotAllowed(resolution.model)
+            raise ModelNotAllowed(asked or resolution.model)
         allowed = tuple(f for f in resolution.fallbacks if key.allows(f.model))
         if len(allowed) != len(resolution.fallbacks):
             resolution = dataclasses.replace(resolution, fallbacks=allowed)

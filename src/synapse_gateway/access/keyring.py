@@ -172,20 +172,20 @@ class Keyring:
         return self.keys[key_id], secret
 
     async def update(self, reference: str, changes: dict[str, Any]) -> ApiKey:
-        key = self._writable(reference)
+        key = self.writable(reference)
         settings = KeySettings.model_validate({**_data(key.settings), **changes})
         self._apply_written(await self._write(lambda store: store.put(key.id, key.hash, _data(settings))))
         return self.keys[key.id]
 
     async def rotate(self, reference: str) -> tuple[ApiKey, str]:
         """A new secret for the same key (id, limits and spend kept); the old secret stops at once."""
-        key = self._writable(reference)
+        key = self.writable(reference)
         _, secret = new_key(key.id)
         self._apply_written(await self._write(lambda store: store.put(key.id, hash_key(secret), _data(key.settings))))
         return self.keys[key.id], secret
 
     async def delete(self, reference: str) -> ApiKey:
-        key = self._writable(reference)
+        key = self.writable(reference)
         await self._write(lambda store: store.delete(key.id))
         self.keys.pop(key.id, None)
         return key
@@ -194,7 +194,7 @@ class Keyring:
         assert stored is not None, "a put always returns the stored key"
         self._apply(stored)
 
-    def _writable(self, reference: str) -> ApiKey:
+    def writable(self, reference: str) -> ApiKey:
         key = self.find(reference)
         if key.source == "config":
             raise Conflict(f"key {key.id} is declared in the config file; change it there",

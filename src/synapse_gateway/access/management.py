@@ -57,6 +57,8 @@ class KeyRoutes:
     async def generate(self, request: web.Request) -> web.Response:
         """POST /key/generate: a new key, shown once in `key`."""
         body = await _json(request)
+        if "key" in body:
+            raise InvalidRequest("Synapse makes every key itself (192 random bits); leave out `key`", param="key")
         settings, ignored = _settings(body, base={})
         key, secret = await self.keyring.create(settings)
         return json_response({"key": secret, **await self._shown(key), **_ignored(ignored)})
@@ -77,11 +79,9 @@ class KeyRoutes:
         return json_response(await self._shown(key))
 
     async def regenerate(self, request: web.Request) -> web.Response:
-        """POST /key/regenerate (or /key/{key}/regenerate): a new secret for the same key."""
-        reference = request.match_info.get("key")
-        if reference is None:
-            reference = _reference(await _json(request))
-        key, secret = await self.keyring.rotate(reference)
+        """POST /key/regenerate: a new secret for the same key. (The key goes in the body, never in the
+        path, where it would reach access logs and proxies.)"""
+        key, secret = await self.keyring.rotate(_reference(await _json(request)))
         return json_response({"key": secret, **await self._shown(key)})
 
     async def delete(self, request: web.Request) -> web.Response:
@@ -90,8 +90,8 @@ class KeyRoutes:
         references = body.get("keys") if "keys" in body else [_reference(body)]
         if not isinstance(references, list) or not all(isinstance(r, str) for r in references) or not references:
             raise InvalidRequest("`keys` must be a non-empty list of keys or key ids", param="keys")
-        keys = [self.keyring.find(r) for r in references]  # all known before any is deleted
-        deleted = [(await self.keyring.delete(k.id)).id for k in keys]
+        keys = {key.id: key for key in map(self.keyring.writable, references)}  # all checked before any goes
+        deleted = [(await self.keyring.delete(key_id)).id for key_id in keys]
         return json_response({"deleted_keys": deleted})
 
     async def info(self, request: web.Request) -> web.Response:
@@ -164,7 +164,7 @@ def _changes(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         if name == "duration":
             changes["expires_at"] = _expiry(value)
         elif name == "blocked":
-            changes["revoked"] = bool(value)
+            changes["revoked"] = value  # validated as a boolean with the rest
         elif name in _SETTINGS:
             changes[name] = value
         elif name in _LITELLM_ONLY:

@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from .units import Duration
 
@@ -53,7 +53,7 @@ class KeySettings(_Strict):
     default_max_tokens: int | None = Field(None, ge=1)
     prices: dict[str, Price] = Field(default_factory=dict)  # this key's own prices, over auth.prices
     expires_at: float | None = None  # unix time
-    revoked: bool = False
+    revoked: StrictBool = False  # true or false only: "false" must not read as a revocation
 
     @field_validator("budget_duration")
     @classmethod
