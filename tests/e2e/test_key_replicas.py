@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,31 @@ async def _run_sql(url: str, sql: str) -> None:
         await admin.close()
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A PostgreSQL URL whose search_path is a fresh schema, dropped at the end."""
+async def _fetchval(url: str, sql: str) -> Any:
+    database = await open_database(url)
+    try:
+        return await database.fetchval(sql)
+    finally:
+        await database.close()
+
+
+@contextlib.contextmanager
+def pg_schema_url() -> Iterator[tuple[str, Callable[[str], Any]]]:
+    """A PostgreSQL URL whose search_path is a fresh schema (dropped at the end), and a query function."""
     base = require_postgres()
     schema = f"e2e_{uuid.uuid4().hex[:12]}"
     asyncio.run(_run_sql(base, f"CREATE SCHEMA {schema}"))
+    url = f"{base}?search_path={schema}"
     try:
-        yield f"{base}?search_path={schema}"
+        yield url, lambda sql: asyncio.run(_fetchval(url, sql))
     finally:
         asyncio.run(_run_sql(base, f"DROP SCHEMA {schema} CASCADE"))
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with pg_schema_url() as (url, _):
+        yield url
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,36 @@ def test_an_unreachable_database_loses_no_request_counts_the_drop_and_refuses_ke
     assert report.status_code == 503 and "Retry-After" in report.headers
     dropped = [line for line in metrics.splitlines() if line.startswith("synapse_usage_events_dropped_total")]
     assert dropped and float(dropped[0].split()[-1]) == 20.0, dropped
+
+
+def test_postgresql_going_away_mid_run_loses_no_request_and_no_event(vllm: FakeVLLM) -> None:
+    from tests.e2e.test_key_replicas import pg_schema_url
+    from tests.services import POSTGRES_HOST, POSTGRES_PORT, CuttableRelay
+
+    with pg_schema_url() as (url, query), CuttableRelay(POSTGRES_HOST, POSTGRES_PORT) as relay:
+        relayed = url.replace(f"{POSTGRES_HOST}:{POSTGRES_PORT}", f"127.0.0.1:{relay.port}")
+        config = keyed({"v": {"url": vllm.url}}, database_url=relayed, usage={"flush_interval": 0.05})
+        with ThreadGateway(config) as gw, openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-master-test-1234",
+                                                        max_retries=0) as c:
+            def ask(times: int) -> None:
+                for _ in range(times):
+                    assert c.chat.completions.create(model="llama-3.2-8b", messages=MESSAGES).choices
+
+            ask(10)
+            assert _eventually(lambda: query("SELECT count(*) FROM usage_events") == 10)
+            relay.cut()
+            ask(15)  # served as usual while the database is away
+            time.sleep(0.3)
+            assert query("SELECT count(*) FROM usage_events") == 10, "nothing could be written meanwhile"
+            relay.restore()
+            assert _eventually(lambda: query("SELECT count(*) FROM usage_events") == 25, timeout=20)
+            assert gw.gateway.ledger is not None and gw.gateway.ledger.dropped == 0
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
