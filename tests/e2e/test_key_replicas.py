@@ -104,6 +104,10 @@ def test_a_key_made_on_one_replica_works_on_the_other_and_a_revocation_reaches_i
     while _chat(b, key) == 200:
         assert time.monotonic() - revoked_at < 1.0, "the revocation reached the other replica within a second"
     assert _chat(b, key) == 401 and _chat(a, key) == 401
+    secret = key.rsplit("-", 1)[1]
+    for replica in (a, b):
+        assert secret not in replica.log() and MASTER not in replica.log(), "no key material in a replica's log"
+        assert key.split("-")[2] in replica.log(), "the access log names the key by its public id"
 
 
 def test_two_replicas_hold_one_rpm_limit(replicas: tuple[ProcessGateway, ProcessGateway]) -> None:
