@@ -40,7 +40,8 @@ def test_vtt() -> None:
 
 
 def test_json_and_text() -> None:
-    assert render_transcript(TRANSCRIPT, "json") == (b'{"text":"Hello there. Goodbye."}', "application/json")
+    assert render_transcript(TRANSCRIPT, "json") == (
+        b'{"text":"Hello there. Goodbye.","usage":{"type":"duration","seconds":3723.5}}', "application/json")
     assert render_transcript(TRANSCRIPT, "text") == (b"Hello there. Goodbye.\n", "text/plain; charset=utf-8")
 
 
