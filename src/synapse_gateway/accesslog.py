@@ -43,6 +43,8 @@ class RequestRecord:
     characters: int | None = None  # text spoken (text-to-speech)
     audio_seconds: float | None = None  # audio heard (speech-to-text), when the engine says
     cost: float | None = None
+    # The key's limits and what is left after this request, as OpenAI's x-ratelimit-* headers.
+    rate: dict[str, str] | None = None
 
     @property
     def ttft(self) -> float | None:

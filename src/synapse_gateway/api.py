@@ -29,7 +29,6 @@ JSON_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/
 UPLOAD_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 API_PATHS = {path: path.removeprefix("/v1") for path in (*JSON_PATHS, *UPLOAD_PATHS)}
 RECORD = web.RequestKey("record", RequestRecord)
-ADMITTED = web.RequestKey("admitted", Admitted)
 # Answers made of tokens: their `max_tokens` is reserved, and a stream is asked for its usage.
 GENERATING_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
 BodyReader = Callable[[web.Request, RequestRecord, BodyDeadline], Awaitable[tuple[str, BodyFor]]]
@@ -42,11 +41,6 @@ async def stamp_response(request: web.Request, response: web.StreamResponse) -> 
     if "x-synapse-backend" not in headers:
         record = request.get(RECORD)
         headers["x-synapse-backend"] = (record.backend if record else None) or "none"
-    admitted = request.get(ADMITTED)
-    if admitted is not None and admitted.grant is not None and response.status < 400:
-        grant = admitted.grant
-        headers.update(rate_headers(grant.limits.rpm, grant.limits.tpm, grant.remaining_requests,
-                                    grant.remaining_tokens))
 
 
 class Api:
@@ -94,7 +88,7 @@ class Api:
         settings = gateway.settings
         rid = request[REQUEST_ID] = request_id(request)
         record = request[RECORD] = RequestRecord(rid, request.method, request.path, time.perf_counter())
-        principal = request.get(PRINCIPAL)
+        principal = request[PRINCIPAL] if gateway.keyring.required else None  # set by the route's check
         key = principal.key if principal is not None else None
         admitted: Admitted | None = None
         try:
@@ -113,12 +107,16 @@ class Api:
             if key is not None:
                 resolution = gateway.access.permit(key, resolution, asked=model)
                 json = body_for if isinstance(body_for, JsonBody) else None
-                admitted = request[ADMITTED] = await gateway.access.admit(
+                admitted = await gateway.access.admit(
                     key, resolution.model, json.payload if json else None, body_size=json.size if json else 0,
                     generates=request.path in GENERATING_PATHS)
+                if admitted is not None and admitted.grant is not None:
+                    grant = admitted.grant
+                    record.rate = rate_headers(grant.limits.rpm, grant.limits.tpm, grant.remaining_requests,
+                                               grant.remaining_tokens) or None
             return await gateway.proxy.forward(request, record, resolution, body_for=body_for,
                                                api_path=API_PATHS[request.path],
-                                               allows=key.allows if key is not None else None)
+                                               allows=key.allows if key is not None and key.restricted else None)
         except GatewayError as exc:
             record.status, record.error = exc.status, exc.message
             raise

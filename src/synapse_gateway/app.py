@@ -7,11 +7,11 @@ from aiohttp import web
 from .access.keyring import Keyring
 from .access.management import KeyRoutes
 from .api import JSON_PATHS, UPLOAD_PATHS, Api, stamp_response
-from .auth import Guards, unguarded
+from .auth import Guards
 from .config import LoadedConfig
 from .gateway import lifespan
 from .state import StateDatabase
-from .web.errors import Guard, Handler, add_fallback_routes, rendering_errors
+from .web.errors import Check, Handler, add_fallback_routes, rendering_errors
 
 
 def create_app(loaded: LoadedConfig) -> web.Application:
@@ -31,8 +31,8 @@ def create_app(loaded: LoadedConfig) -> web.Application:
     keys = KeyRoutes(app)
     routes = app.router
 
-    def add(method: str, path: str, handler: Handler, guard: Guard) -> None:
-        routes.add_route(method, path, rendering_errors(guard(handler)))
+    def add(method: str, path: str, handler: Handler, check: Check | None) -> None:
+        routes.add_route(method, path, rendering_errors(handler, check))
 
     for path in JSON_PATHS:
         add("POST", path, api.inference, guards.inference)
@@ -40,8 +40,8 @@ def create_app(loaded: LoadedConfig) -> web.Application:
         add("POST", path, api.upload, guards.inference)
     add("GET", "/v1/models", api.list_models, guards.inference)
     add("GET", "/v1/models/{model:.+}", api.get_model, guards.inference)
-    add("GET", "/health/live", api.live, unguarded)
-    add("GET", "/health/ready", api.ready, unguarded)
+    add("GET", "/health/live", api.live, None)
+    add("GET", "/health/ready", api.ready, None)
     add("GET", "/metrics", api.metrics, guards.metrics)
     add("GET", "/admin/engines", api.engines, guards.admin)
     add("GET", "/admin/gpu", api.gpu_status, guards.admin)

@@ -14,17 +14,16 @@ and no part of it is ever echoed or logged.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
 
 from aiohttp import web
 
-from .access.keyring import MASTER, Keyring, Principal
-from .access.keys import key_id_of
+from .access.keyring import Keyring
+from .access.keys import MASTER, Principal, key_id_of
 from .config.access import AuthConfig
 from .errors import Forbidden, Unauthorized
-from .web.errors import Guard, Handler, request_id_of
+from .web.errors import Check, request_id_of
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
@@ -43,65 +42,39 @@ def presented_key(request: web.Request) -> str | None:
 
 
 class Guards:
-    """The guard of each kind of route, built from the auth config and the keyring."""
+    """The access check of each kind of route, built from the auth config and the keyring.
+
+    A check is None where nothing is checked (inference with auth off), so that route pays nothing.
+    """
 
     def __init__(self, auth: AuthConfig, keyring: Keyring) -> None:
         self.keyring = keyring
-        self.required = auth.required
-        self.metrics_keyed = auth.metrics == "keyed" and self.required
+        self.inference: Check | None = self._inference if auth.required else None
+        self.metrics: Check | None = self._admin_key if auth.metrics == "keyed" and auth.required else None
+        self.admin: Check = self._admin
 
-    def inference(self, handler: Handler) -> Handler:
-        if not self.required:
-            return handler
-        keyring = self.keyring
+    def _inference(self, request: web.Request) -> None:
+        principal = _authenticate(request, self.keyring)
+        if not principal.inference:
+            _refuse(request, principal, "an admin key used on an inference route")
+            raise Forbidden("this key has the `admin` scope, which manages the gateway but cannot run "
+                            "inference; use an inference key", code="scope_not_allowed")
+        request[PRINCIPAL] = principal
 
-        @functools.wraps(handler)
-        async def inference_key(request: web.Request) -> web.StreamResponse:
-            principal = _authenticate(request, keyring)
-            if not principal.inference:
-                _refuse(request, principal, "an admin key used on an inference route")
-                raise Forbidden("this key has the `admin` scope, which manages the gateway but cannot run "
-                                "inference; use an inference key", code="scope_not_allowed")
-            request[PRINCIPAL] = principal
-            return await handler(request)
+    def _admin_key(self, request: web.Request) -> None:
+        principal = _authenticate(request, self.keyring)
+        if not principal.admin:  # admin routes and the metrics name every model and backend
+            _refuse(request, principal, f"an inference key used on {request.path}")
+            raise Forbidden(f"{request.path} needs the master key or a key with the `admin` scope",
+                            code="scope_not_allowed")
+        request[PRINCIPAL] = principal
 
-        return inference_key
-
-    def metrics(self, handler: Handler) -> Handler:
-        if not self.metrics_keyed:
-            return handler
-        keyring = self.keyring
-
-        @functools.wraps(handler)
-        async def admin_or_master(request: web.Request) -> web.StreamResponse:
-            principal = _authenticate(request, keyring)
-            if not principal.admin:  # the metrics name every model and backend
-                _refuse(request, principal, "an inference key used on /metrics")
-                raise Forbidden("/metrics needs the master key or an `admin` key (or `auth.metrics: open`)",
-                                code="scope_not_allowed")
-            request[PRINCIPAL] = principal
-            return await handler(request)
-
-        return admin_or_master
-
-    def admin(self, handler: Handler) -> Handler:
-        keyring = self.keyring
-
-        @functools.wraps(handler)
-        async def admin_key(request: web.Request) -> web.StreamResponse:
-            if presented_key(request) is None and not keyring.has_master:
-                _only_from_this_machine(request)  # nothing to authenticate with: the local operator
-                request[PRINCIPAL] = MASTER
-                return await handler(request)
-            principal = _authenticate(request, keyring)
-            if not principal.admin:
-                _refuse(request, principal, "an inference key used on an admin route")
-                raise Forbidden(f"{request.path} needs the master key or a key with the `admin` scope",
-                                code="scope_not_allowed")
-            request[PRINCIPAL] = principal
-            return await handler(request)
-
-        return admin_key
+    def _admin(self, request: web.Request) -> None:
+        if presented_key(request) is None and not self.keyring.has_master:
+            _only_from_this_machine(request)  # nothing to authenticate with: the local operator
+            request[PRINCIPAL] = MASTER
+            return
+        self._admin_key(request)
 
 
 def is_admin(request: web.Request, keyring: Keyring) -> bool:
@@ -128,21 +101,6 @@ def _refuse(request: web.Request, principal: Principal, reason: str) -> None:
              extra={"fields": {"request_id": request_id_of(request), "key_id": principal.id}})
 
 
-def unguarded(handler: Handler) -> Handler:
-    return handler
-
-
-def local_only(handler: Handler) -> Handler:
-    """A route that answers only this machine (see `_only_from_this_machine`)."""
-
-    @functools.wraps(handler)
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        _only_from_this_machine(request)
-        return await handler(request)
-
-    return guarded
-
-
 def _only_from_this_machine(request: web.Request) -> None:
     """Admin routes without a master key: a loopback peer, a loopback Host, and JSON for any change."""
     fix = "set a master key (auth.master_key in the config, or SYNAPSE_MASTER_KEY) to reach it from elsewhere"
@@ -166,4 +124,4 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-__all__ = ["PRINCIPAL", "Guard", "Guards", "is_admin", "local_only", "presented_key", "unguarded"]
+__all__ = ["PRINCIPAL", "Guards", "is_admin", "presented_key"]

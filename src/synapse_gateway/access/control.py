@@ -18,7 +18,7 @@ from ..config.access import AuthConfig, Price
 from ..errors import ModelNotAllowed, RateLimited
 from ..routing import Resolution
 from .keys import ApiKey, cost_of, iso
-from .limits import Grant, Limiter, LimitExceeded, Usage
+from .limits import Grant, Limiter, LimitExceeded, MemoryLimiter, Usage
 
 log = logging.getLogger("synapse.limits")
 _BYTES_PER_TOKEN = 4  # a prompt's size in tokens is estimated from its JSON: generous for most text
@@ -41,6 +41,8 @@ class AccessControl:
 
     def __init__(self, auth: AuthConfig, limiter: Limiter) -> None:
         self.limiter = limiter
+        # In-process limits are taken without a coroutine per call (they never wait).
+        self._local = limiter if isinstance(limiter, MemoryLimiter) else None
         self.prices = auth.prices
         self.default_max_tokens = auth.default_max_tokens
 
@@ -48,28 +50,37 @@ class AccessControl:
     def permit(key: ApiKey, resolution: Resolution, *, asked: str | None = None) -> Resolution:
         """`resolution` cut to what `key` may be served: 403 when its own model is not allowed (naming
         the model as `asked`, so an alias's target stays unknown); fallbacks it may not use are dropped."""
+        if not key.restricted:
+            return resolution
         if not key.allows(resolution.model):
             raise ModelNotAllowed(asked or resolution.model)
+        if not resolution.fallbacks:
+            return resolution
         allowed = tuple(f for f in resolution.fallbacks if key.allows(f.model))
         if len(allowed) != len(resolution.fallbacks):
             resolution = dataclasses.replace(resolution, fallbacks=allowed)
         return resolution
 
     async def admit(self, key: ApiKey, model: str, payload: dict[str, Any] | None, *, body_size: int,
-                    generates: bool) -> Admitted:
-        """Take the key's limits for one request, or raise 429 with the limit's state.
+                    generates: bool) -> Admitted | None:
+        """Take the key's limits for one request, or raise 429 with the limit's state; None when the key
+        has no limits (and no prices of its own), so there is nothing to hold or settle.
 
         `generates`: whether the answer is made of tokens (chat, completions), so `max_tokens` counts.
         """
         limits = key.limits(time.time())
+        if not limits.any and not key.settings.prices:
+            return None
         prompt = body_size // _BYTES_PER_TOKEN if payload is not None else 0
         answer = _max_tokens(payload, key.settings.default_max_tokens or self.default_max_tokens) if generates else 0
         prices = self._prices(key)
         reserved = Usage(prompt + answer, cost_of(prices, model, prompt, answer) if prices else 0.0)
         if not limits.any:
-            return Admitted(key, model, None, reserved, prompt)
+            return Admitted(key, model, None, reserved, prompt)  # priced by its own table, for the ledger
         try:
-            grant = await self.limiter.acquire(key.id, limits, reserved)
+            local = self._local
+            grant = (local.take(key.id, limits, reserved) if local is not None
+                     else await self.limiter.acquire(key.id, limits, reserved))
         except LimitExceeded as exc:
             log.info("key %s refused: %s", key.id, exc.reason)
             raise _refusal(exc) from None
@@ -78,8 +89,12 @@ class AccessControl:
     async def settle(self, admitted: Admitted, record: RequestRecord) -> float:
         """Charge what the request really used and free its hold; returns its cost."""
         used = self.usage_of(admitted, record)
-        if admitted.grant is not None:
-            await self.limiter.settle(admitted.grant, used)
+        grant = admitted.grant
+        if grant is not None:
+            if self._local is not None:
+                self._local.give_back(grant, used)
+            else:
+                await self.limiter.settle(grant, used)
         return used.cost
 
     def usage_of(self, admitted: Admitted, record: RequestRecord) -> Usage:
@@ -114,13 +129,19 @@ def _max_tokens(payload: dict[str, Any] | None, default: int) -> int:
         return 0
     cap = default
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = _whole(payload.get(name))
-        if value is not None and value > 0:
-            cap = value
-            break
-    answers = max(_whole(payload.get("n")) or 1, _whole(payload.get("best_of")) or 1, 1)
+        value = payload.get(name)
+        if value is not None:
+            value = value if type(value) is int else _whole(value)
+            if value is not None and value > 0:
+                cap = value
+                break
+    answers = 1
+    for name in ("n", "best_of"):
+        value = payload.get(name)
+        if value is not None:
+            answers = max(answers, _whole(value) or 1)
     prompt = payload.get("prompt")
-    if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
+    if type(prompt) is list and prompt and not all(isinstance(p, int) for p in prompt):
         answers *= len(prompt)  # a list of prompts (not one prompt of token ids): an answer each
     return min(cap * answers, _MOST_TOKENS)
 

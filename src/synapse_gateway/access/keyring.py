@@ -9,43 +9,26 @@ database that cannot be reached keeps the last known keys in force and is retrie
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ..config.access import AuthConfig, KeySettings
 from ..errors import Conflict, DatabaseUnavailable, NotFound
 from ..storage.database import Database, StorageError
 from ..storage.keystore import KeyStore, StoredKey
-from .keys import ApiKey, hash_key, key_id_of, matches_hash, new_key
+from .keys import KEY_PREFIX, MASTER, ApiKey, Principal, hash_key, key_id_of, matches_hash, new_key
 
 log = logging.getLogger("synapse.keys")
+_ID_START = len(KEY_PREFIX)
+_ID_END = _ID_START + 12  # keys read `sk-syn-<12-character id>-<secret>`
+# Keys already verified, each with the key object it matched: a client sends the same key on every
+# request, so its SHA-256 is computed once, not per request. Bounded; only correct keys enter.
+_VERIFIED_MAX = 10000
 Connect = Callable[[], Awaitable[Database]]
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who sent a request: the master key (`key` None) or a virtual key."""
-
-    key: ApiKey | None
-
-    @property
-    def id(self) -> str:
-        return "master" if self.key is None else self.key.id
-
-    @property
-    def admin(self) -> bool:
-        return self.key is None or self.key.admin
-
-    @property
-    def inference(self) -> bool:
-        return self.key is None or not self.key.admin
-
-
-MASTER = Principal(None)
 
 
 class Keyring:
@@ -57,6 +40,7 @@ class Keyring:
         now = time.time()
         self.declared = {d.id: ApiKey.declared(d, now) for d in auth.keys}
         self.keys: dict[str, ApiKey] = dict(self.declared)
+        self._verified: dict[str, ApiKey] = {}
         self._connect = connect
         self._interval = auth.key_sync_interval
         self._store: KeyStore | None = None
@@ -69,16 +53,30 @@ class Keyring:
         return self._master is not None
 
     def authenticate(self, presented: str) -> Principal | None:
-        """The principal behind a presented key, or None for a missing, unknown, expired or revoked one."""
-        key_id = key_id_of(presented)
-        if key_id is not None:
-            key = self.keys.get(key_id)
-            if key is not None and matches_hash(presented, key.hash) and key.usable(time.time()):
-                return Principal(key)
+        """The principal behind a presented key, or None for a missing, unknown, expired or revoked one.
+
+        Runs on every request: the id lookup, SHA-256 and constant-time comparison are written inline.
+        """
+        if presented.startswith(KEY_PREFIX) and len(presented) > _ID_END and presented[_ID_END] == "-":
+            key = self.keys.get(presented[_ID_START:_ID_END])
+            # A key changed or rotated is a new object, so a verification is never reused for it.
+            if key is not None and (self._verified.get(presented) is key or self._verify(presented, key)):
+                expires = key.settings.expires_at
+                if not key.settings.revoked and (expires is None or time.time() < expires):
+                    return Principal(key)
+                return None
         if self._master is not None and hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
                                                             self._master):
             return MASTER
         return None
+
+    def _verify(self, presented: str, key: ApiKey) -> bool:
+        if not hmac.compare_digest(hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest(), key.digest):
+            return False
+        if len(self._verified) >= _VERIFIED_MAX:
+            self._verified.clear()
+        self._verified[presented] = key
+        return True
 
     # -- keeping in step with the database --------------------------------------------------------
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fnmatch import translate
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from ..config.access import DeclaredKey, KeySettings, Price, period_length
 from .limits import Limits
@@ -34,8 +34,7 @@ def new_key(key_id: str | None = None) -> tuple[str, str]:
 
 
 def hash_key(key: str) -> str:
-    # surrogateescape: a header's undecodable bytes hash like any other wrong key (never an error)
-    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+    return "sha256:" + _digest(key).hex()
 
 
 def key_id_of(presented: str) -> str | None:
@@ -49,7 +48,12 @@ def key_id_of(presented: str) -> str | None:
 
 def matches_hash(presented: str, stored_hash: str) -> bool:
     """Whether `presented` hashes to `stored_hash`, compared in constant time."""
-    return hmac.compare_digest(hash_key(presented).encode(), stored_hash.encode())
+    return hmac.compare_digest(_digest(presented), bytes.fromhex(stored_hash.removeprefix("sha256:")))
+
+
+def _digest(presented: str) -> bytes:
+    # surrogateescape: a header's undecodable bytes hash like any other wrong key (never an error)
+    return hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,10 @@ class ApiKey:
     created_at: float
     source: Literal["api", "config"] = "api"
     _patterns: tuple[re.Pattern[str], ...] | None = field(default=None, repr=False, compare=False)
+    restricted: bool = field(default=False, repr=False, compare=False)  # only some models (read per request)
+    digest: bytes = field(default=b"", repr=False, compare=False)  # the stored hash, as bytes
+    # Each model name's answer from the globs, remembered (bounded): asked on every request.
+    _allowed: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
     # The limits of the current budget period and when they stop being current: read on every request.
     _current: list[Any] = field(default_factory=lambda: [None, 0.0], repr=False, compare=False)
 
@@ -71,7 +79,8 @@ class ApiKey:
         names = settings.models
         patterns = None if not names or _ALL_MODELS & set(names) else tuple(
             re.compile(translate(name)) for name in names)
-        return cls(key_id, key_hash, settings, created_at, source, patterns)
+        return cls(key_id, key_hash, settings, created_at, source, patterns, patterns is not None,
+                   bytes.fromhex(key_hash.removeprefix("sha256:")))
 
     @classmethod
     def declared(cls, declared: DeclaredKey, loaded_at: float) -> ApiKey:
@@ -87,10 +96,22 @@ class ApiKey:
         expires = self.settings.expires_at
         return not self.settings.revoked and (expires is None or now < expires)
 
+
+    def matches(self, presented: str) -> bool:
+        """Whether `presented` is this key, compared in constant time."""
+        return hmac.compare_digest(_digest(presented), self.digest)
+
     def allows(self, model: str) -> bool:
         """Whether this key may be served `model` (a public model name)."""
         patterns = self._patterns
-        return patterns is None or any(p.fullmatch(model) for p in patterns)
+        if patterns is None:
+            return True
+        allowed = self._allowed.get(model)
+        if allowed is None:
+            if len(self._allowed) >= 1024:  # client-chosen names: keep the memory bounded
+                self._allowed.clear()
+            allowed = self._allowed[model] = any(p.fullmatch(model) for p in patterns)
+        return allowed
 
     def limits(self, now: float) -> Limits:
         """The key's limits, with the budget period that `now` falls in."""
@@ -119,6 +140,27 @@ class ApiKey:
             "metadata": s.metadata, "expires": iso(s.expires_at), "revoked": s.revoked,
             "blocked": s.revoked, "created_at": iso(self.created_at), "source": self.source,
         }
+
+
+class Principal(NamedTuple):
+    """Who sent a request: the master key (`key` None) or a virtual key (a named tuple: one per request)."""
+
+    key: ApiKey | None
+
+    @property
+    def id(self) -> str:
+        return "master" if self.key is None else self.key.id
+
+    @property
+    def admin(self) -> bool:
+        return self.key is None or self.key.admin
+
+    @property
+    def inference(self) -> bool:
+        return self.key is None or not self.key.admin
+
+
+MASTER = Principal(None)
 
 
 def _display_name(key_id: str) -> str:

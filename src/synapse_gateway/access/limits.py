@@ -9,8 +9,8 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, Protocol
 
 log = logging.getLogger("synapse.limits")
 
@@ -23,12 +23,17 @@ BUSY_RETRY = 1.0  # retry_after when requests in flight are in the way: one of t
 EPSILON = 1e-9  # money is a float, so sums of reservations may be off by rounding
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """What a request consumed (or is expected to): tokens, and money from a price table (0 when none)."""
+class Usage(NamedTuple):
+    """What a request consumed (or is expected to): tokens, and money from a price table (0 when none).
+
+    A named tuple: made twice per limited request, where a frozen dataclass costs several times more.
+    """
 
     tokens: int = 0
     cost: float = 0.0
+
+
+NOTHING = Usage()
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,26 +48,17 @@ class Limits:
     period: str = "all"
     period_end: float | None = None  # unix time the period ends; None: it never resets
 
-    @property
-    def any(self) -> bool:
-        """Whether any limit is set (when not, the caller need not ask a limiter at all)."""
-        return not (
-            self.rpm is None
-            and self.tpm is None
-            and self.parallel is None
-            and self.token_budget is None
-            and self.money_budget is None
-        )
+    # What the limits ask of a limiter, worked out once (a key's Limits are reused for its whole period):
+    any: bool = field(init=False, repr=False, compare=False)  # any limit set (else no limiter is asked)
+    windowed: bool = field(init=False, repr=False, compare=False)  # requests are logged for rpm or tpm
+    held: bool = field(init=False, repr=False, compare=False)  # a grant holds a parallel slot or a budget
 
-    @property
-    def windowed(self) -> bool:
-        """Whether requests are logged in the sliding window (for rpm or tpm)."""
-        return self.rpm is not None or self.tpm is not None
-
-    @property
-    def held(self) -> bool:
-        """Whether a grant holds something until settled: a parallel slot or a budget reservation."""
-        return self.parallel is not None or self.token_budget is not None or self.money_budget is not None
+    def __post_init__(self) -> None:
+        windowed = self.rpm is not None or self.tpm is not None
+        held = self.parallel is not None or self.token_budget is not None or self.money_budget is not None
+        object.__setattr__(self, "windowed", windowed)
+        object.__setattr__(self, "held", held)
+        object.__setattr__(self, "any", windowed or held)
 
 
 @dataclass(slots=True)
@@ -76,6 +72,7 @@ class Grant:
     remaining_requests: int | None
     remaining_tokens: int | None
     settled: bool = False
+    hold: Any = None  # what an in-process limiter holds for it (no ticket lookup on the request path)
 
 
 class LimitExceeded(Exception):
@@ -88,7 +85,7 @@ class LimitExceeded(Exception):
         *,
         retry_after: float,
         remaining: tuple[int | None, int | None] = (None, None),
-        reserve: Usage = Usage(),
+        reserve: Usage = NOTHING,
         budget: Literal["tokens", "money", ""] = "",
         permanent: bool = False,
     ) -> None:
@@ -160,23 +157,21 @@ class Limiter(Protocol):
     def settled_spend(self) -> dict[tuple[str, str], Usage]: ...
 
 
-class _Entry:
-    """A granted request in the sliding window: its time and tokens (the reservation until settled)."""
-
-    __slots__ = ("at", "gone", "tokens")
-
-    def __init__(self, at: float, tokens: int) -> None:
-        self.at, self.tokens, self.gone = at, tokens, False
-
-
 class _Rate:
-    """One key's sliding window and count of held grants; dropped once idle."""
+    """One key's sliding window and count of held grants; dropped once idle.
 
-    __slots__ = ("entries", "held", "tokens")
+    The window is two deques of plain numbers (each request's time and tokens), addressed by a
+    sequence number: no object per request lives for the 60 s of the window, which at thousands of
+    requests per second would cost the garbage collector more than the limit check itself.
+    """
+
+    __slots__ = ("first", "held", "times", "tokens", "used")
 
     def __init__(self) -> None:
-        self.entries: deque[_Entry] = deque()
-        self.tokens = 0  # sum of the metered entries' tokens
+        self.times: deque[float] = deque()
+        self.used: deque[int] = deque()  # each request's tokens: its reservation until settled
+        self.first = 0  # the sequence number of times[0]
+        self.tokens = 0  # sum of `used`
         self.held = 0  # unsettled grants holding a parallel slot
 
 
@@ -192,10 +187,10 @@ class _Period:
 
 
 class _Live:
-    __slots__ = ("entry", "period", "rate")
+    __slots__ = ("period", "rate", "sequence")
 
-    def __init__(self, rate: _Rate, entry: _Entry | None, period: _Period | None) -> None:
-        self.rate, self.entry, self.period = rate, entry, period
+    def __init__(self, rate: _Rate, sequence: int, period: _Period | None) -> None:
+        self.rate, self.sequence, self.period = rate, sequence, period  # sequence -1: not metered
 
 
 class MemoryLimiter:
@@ -208,8 +203,6 @@ class MemoryLimiter:
     def __init__(self) -> None:
         self._rates: dict[str, _Rate] = {}
         self._periods: dict[tuple[str, str], _Period] = {}
-        self._live: dict[str, _Live] = {}
-        self._ticket = ticket_source()
         self._next_sweep = 0.0
 
     async def start(self) -> None:
@@ -220,61 +213,71 @@ class MemoryLimiter:
 
     async def acquire(self, key_id: str, limits: Limits, reserve: Usage, *, now: float | None = None) -> Grant:
         """Check every set limit counting this request; record it and grant, or refuse recording nothing."""
+        return self.take(key_id, limits, reserve, now=now)
+
+    async def settle(self, grant: Grant, used: Usage) -> None:
+        """Replace the grant's reservation by what was used and free its slot; only the first call counts."""
+        self.give_back(grant, used)
+
+    def take(self, key_id: str, limits: Limits, reserve: Usage, *, now: float | None = None) -> Grant:
+        """`acquire`, without a coroutine: the request path calls this directly (it never waits).
+
+        Written as one flat body on purpose: it runs for every request of a limited key.
+        """
         now = time.time() if now is None else now
         if now >= self._next_sweep:
             self._sweep(now)
         rate = self._rates.get(key_id)
         if rate is None:
             rate = self._rates[key_id] = _Rate()
-        entries = rate.entries
+        times = rate.times
         cut = now - WINDOW
-        while entries and entries[0].at <= cut:
-            old = entries.popleft()
-            old.gone = True
-            rate.tokens -= old.tokens
+        while times and times[0] <= cut:
+            times.popleft()
+            rate.tokens -= rate.used.popleft()
+            rate.first += 1
         period = self._period(key_id, limits) if limits.held else None
-        refusal = _refusal(rate, period, limits, reserve, now)
-        if refusal is not None:
-            raise refusal
-        entry = None
+        if not _passes(rate, period, limits, reserve):
+            refusal = _refusal(rate, period, limits, reserve, now)
+            if refusal is not None:
+                raise refusal
+        sequence = -1
         if limits.windowed:
-            entry = _Entry(now, reserve.tokens if limits.tpm is not None else 0)
-            entries.append(entry)
-            rate.tokens += entry.tokens
+            tokens = reserve.tokens if limits.tpm is not None else 0
+            times.append(now)
+            rate.used.append(tokens)
+            rate.tokens += tokens
+            if limits.tpm is not None:
+                sequence = rate.first + len(times) - 1
         if period is not None:
             rate.held += 1
             period.holds += 1
             period.reserved_tokens += reserve.tokens
             period.reserved_cost += reserve.cost
-        ticket = self._ticket()
-        self._live[ticket] = _Live(rate, entry if limits.tpm is not None else None, period)
-        return Grant(
-            key_id,
-            ticket,
-            limits,
-            reserve,
-            None if limits.rpm is None else limits.rpm - len(entries),
-            None if limits.tpm is None else limits.tpm - rate.tokens,
-        )
+        return Grant(key_id, "", limits, reserve,
+                     None if limits.rpm is None else limits.rpm - len(times),
+                     None if limits.tpm is None else limits.tpm - rate.tokens,
+                     hold=_Live(rate, sequence, period))
 
-    async def settle(self, grant: Grant, used: Usage) -> None:
-        """Replace the grant's reservation by what was used and free its slot; only the first call counts."""
+    def give_back(self, grant: Grant, used: Usage) -> None:
+        """`settle`, without a coroutine."""
         if grant.settled:
             return
         grant.settled = True
-        live = self._live.pop(grant.ticket, None)
-        if live is None:
-            log.warning("settle of a grant this limiter did not issue (ticket %s); ignored", grant.ticket)
+        live = grant.hold
+        if not isinstance(live, _Live):
+            log.warning("settle of a grant of key %s that no in-process limiter issued; ignored", grant.key_id)
             return
         try:
-            entry, held = live.entry, live.period
-            if entry is not None and not entry.gone:
-                live.rate.tokens += used.tokens - entry.tokens
-                entry.tokens = used.tokens
+            rate, held = live.rate, live.period
+            index = live.sequence - rate.first
+            if live.sequence >= 0 and index >= 0:  # still in the window: its reservation becomes what was used
+                rate.tokens += used.tokens - rate.used[index]
+                rate.used[index] = used.tokens
             if held is not None:
-                live.rate.held -= 1
+                rate.held -= 1
                 _release(held, grant.reserved)
-            period = self._period(grant.key_id, grant.limits)
+            period = held if held is not None else self._period(grant.key_id, grant.limits)
             period.spent_tokens += used.tokens
             period.spent_cost += used.cost
         except Exception:  # settling runs in cleanup paths, which must not fail on our account
@@ -314,7 +317,7 @@ class MemoryLimiter:
         self._next_sweep = now + WINDOW
         cut = now - WINDOW
         for key_id, rate in list(self._rates.items()):
-            if not rate.held and (not rate.entries or rate.entries[-1].at <= cut):
+            if not rate.held and (not rate.times or rate.times[-1] <= cut):
                 del self._rates[key_id]
         for pair, record in list(self._periods.items()):
             if not record.holds and record.end is not None and record.end + PERIOD_RETENTION <= now:
@@ -333,15 +336,15 @@ def _release(period: _Period, reserved: Usage) -> None:
 def _refusal(rate: _Rate, period: _Period | None, limits: Limits, reserve: Usage, now: float) -> LimitExceeded | None:
     """The most binding refusal (a permanent one, else the longest wait), or None when every limit passes."""
     found: list[tuple[bool, float, Reason, Literal["tokens", "money", ""]]] = []
-    entries = rate.entries
-    if limits.rpm is not None and len(entries) >= limits.rpm:
-        oldest = len(entries) - limits.rpm  # this one must leave the window first
-        found.append((False, entries[oldest].at + WINDOW - now if oldest < len(entries) else WINDOW, "rpm", ""))
+    times = rate.times
+    if limits.rpm is not None and len(times) >= limits.rpm:
+        oldest = len(times) - limits.rpm  # this one must leave the window first
+        found.append((False, times[oldest] + WINDOW - now if oldest < len(times) else WINDOW, "rpm", ""))
     if limits.tpm is not None and rate.tokens + reserve.tokens > limits.tpm:
         if reserve.tokens > limits.tpm:
             found.append((True, WINDOW, "tpm", ""))
         else:
-            found.append((False, _tpm_wait(entries, rate.tokens + reserve.tokens - limits.tpm, now), "tpm", ""))
+            found.append((False, _tpm_wait(rate, rate.tokens + reserve.tokens - limits.tpm, now), "tpm", ""))
     if limits.parallel is not None and rate.held >= limits.parallel:
         found.append((False, BUSY_RETRY, "parallel", ""))
     if period is not None:
@@ -359,17 +362,35 @@ def _refusal(rate: _Rate, period: _Period | None, limits: Limits, reserve: Usage
         return None
     permanent, retry_after, reason, budget = max(found, key=lambda hit: (hit[0], hit[1]))
     remaining = (
-        None if limits.rpm is None else max(0, limits.rpm - len(entries)),
+        None if limits.rpm is None else max(0, limits.rpm - len(times)),
         None if limits.tpm is None else max(0, limits.tpm - rate.tokens),
     )
     return LimitExceeded(reason, limits, retry_after=retry_after, remaining=remaining, reserve=reserve,
                          budget=budget, permanent=permanent)
 
 
-def _tpm_wait(entries: deque[_Entry], excess: int, now: float) -> float:
+def _passes(rate: _Rate, period: _Period | None, limits: Limits, reserve: Usage) -> bool:
+    """Whether every set limit lets this request through (the usual case, checked without allocating)."""
+    if limits.rpm is not None and len(rate.times) >= limits.rpm:
+        return False
+    if limits.tpm is not None and rate.tokens + reserve.tokens > limits.tpm:
+        return False
+    if limits.parallel is not None and rate.held >= limits.parallel:
+        return False
+    if period is not None:
+        if limits.token_budget is not None and (
+                period.spent_tokens + period.reserved_tokens + reserve.tokens > limits.token_budget + EPSILON):
+            return False
+        if limits.money_budget is not None and (
+                period.spent_cost + period.reserved_cost + reserve.cost > limits.money_budget + EPSILON):
+            return False
+    return True
+
+
+def _tpm_wait(rate: _Rate, excess: int, now: float) -> float:
     """Seconds until enough of the window's tokens age out for `excess` more to fit."""
-    for entry in entries:
-        excess -= entry.tokens
+    for at, tokens in zip(rate.times, rate.used, strict=True):
+        excess -= tokens
         if excess <= 0:
-            return entry.at + WINDOW - now
+            return at + WINDOW - now
     return WINDOW

@@ -13,7 +13,7 @@ from aiohttp import web
 from ..accesslog import RequestRecord
 from ..balancer import Balancer, Target
 from ..body import BodyFor
-from ..errors import BackendClosed, BadGateway, GatewayError, ModelNotAllowed
+from ..errors import BackendClosed, BadGateway, GatewayError
 from ..metrics import Metrics
 from ..routing import Resolution
 from ..web.errors import STARTED
@@ -69,8 +69,8 @@ class Proxy:
                       allows: Callable[[str], bool] | None = None) -> web.StreamResponse:
         """Try the resolution's targets (then its fallback models' targets) until one answers.
 
-        `allows` (a key's model permission) is asked again before each model is tried, so that no
-        failover or fallback serves a model the key may not use.
+        `allows` (a key's model permission, already granted for the resolution's own model) is asked
+        before each fallback model is tried, so that no fallback serves a model the key may not use.
 
         A failure that is not `retryable` (the client's mistake) ends the loop. A target that failed
         after the request reached it, or whose GPU wait was refused, is not tried again: a refused
@@ -108,8 +108,6 @@ class Proxy:
         return await answer.fail(failure)
 
     def _plan(self, resolution: Resolution, allows: Callable[[str], bool] | None) -> Iterator[Target]:
-        if allows is not None and not allows(resolution.model):
-            raise ModelNotAllowed(resolution.model)
         yield from self.balancer.attempts(resolution.targets, waits=self.admission.must_wait)
         for fallback in resolution.fallbacks:
             if allows is not None and not allows(fallback.model):
@@ -192,7 +190,10 @@ async def _into_started_stream(answer: _Answer, status: int, data: bytes) -> web
 
 
 def _response_headers(record: RequestRecord) -> dict[str, str]:
-    return {"x-request-id": record.request_id, "x-synapse-backend": record.backend or ""}
+    headers = {"x-request-id": record.request_id, "x-synapse-backend": record.backend or ""}
+    if record.rate is not None:  # the key's x-ratelimit-* state, set with the head (not patched in after)
+        headers.update(record.rate)
+    return headers
 
 
 def _buffered_response(record: RequestRecord, upstream: aiohttp.ClientResponse, data: bytes) -> web.Response:

@@ -112,3 +112,22 @@ def test_what_a_request_reserves_for_its_answer(request_fields: dict[str, object
     from synapse_gateway.access.control import _max_tokens
 
     assert _max_tokens({"model": "m", **request_fields}, 4096) == reserved
+
+
+def test_the_keyring_accepts_a_key_once_verified_only_while_it_stays_the_same() -> None:
+    from synapse_gateway.access.keyring import Keyring
+    from synapse_gateway.config.access import AuthConfig, DeclaredKey
+
+    key_id, key = new_key()
+    master = f"sk-syn-{'m' * 12}-a-master-key-shaped-like-a-virtual-one"
+    ring = Keyring(AuthConfig(master_key=master, keys=[DeclaredKey(id=key_id, hash=hash_key(key))]), None)
+    first = ring.authenticate(key)
+    assert first is not None and first.key is not None and ring.authenticate(key) == first
+    assert ring.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+    ring.keys[key_id] = ApiKey.build(key_id, hash_key(key), KeySettings(revoked=True), 0.0)
+    assert ring.authenticate(key) is None, "a changed key is judged again, not by the earlier verification"
+    _, other = new_key(key_id)
+    ring.keys[key_id] = ApiKey.build(key_id, hash_key(other), KeySettings(), 0.0)
+    assert ring.authenticate(key) is None and ring.authenticate(other) is not None, "a rotated key's old secret"
+    master_principal = ring.authenticate(master)
+    assert master_principal is not None and master_principal.key is None
