@@ -107,9 +107,11 @@ class Api:
             if key is not None:
                 resolution = gateway.access.permit(key, resolution, asked=model)
                 json = body_for if isinstance(body_for, JsonBody) else None
-                admitted = await gateway.access.admit(
+                admitted = gateway.access.admit(
                     key, resolution.model, json.payload if json else None, body_size=json.size if json else 0,
                     generates=request.path in GENERATING_PATHS)
+                if admitted is not None and admitted.shared:
+                    await gateway.access.acquire(admitted)
                 if admitted is not None and admitted.grant is not None:
                     grant = admitted.grant
                     record.rate = rate_headers(grant.limits.rpm, grant.limits.tpm, grant.remaining_requests,
@@ -128,7 +130,10 @@ class Api:
             raise
         finally:
             if admitted is not None:
-                record.cost = await gateway.access.settle(admitted, record)
+                used = gateway.access.settle(admitted, record)
+                record.cost = used.cost
+                if admitted.shared:
+                    await gateway.access.settle_shared(admitted, used)
             self._finish(gateway, record)
 
     def _finish(self, gateway: Gateway, record: RequestRecord) -> None:

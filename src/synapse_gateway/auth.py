@@ -55,7 +55,7 @@ class Guards:
 
     def _inference(self, request: web.Request) -> None:
         principal = _authenticate(request, self.keyring)
-        if not principal.inference:
+        if principal.key is not None and principal.key.admin:
             _refuse(request, principal, "an admin key used on an inference route")
             raise Forbidden("this key has the `admin` scope, which manages the gateway but cannot run "
                             "inference; use an inference key", code="scope_not_allowed")
@@ -85,7 +85,12 @@ def is_admin(request: web.Request, keyring: Keyring) -> bool:
 
 
 def _authenticate(request: web.Request, keyring: Keyring) -> Principal:
-    key = presented_key(request)
+    # presented_key, inline: this runs on every request
+    authorization = request.headers.get("Authorization")
+    if authorization is not None and authorization[:7].lower() == "bearer " and authorization[7:].strip():
+        key: str | None = authorization[7:].strip()
+    else:
+        key = presented_key(request)
     principal = keyring.authenticate(key) if key is not None else None
     if principal is None:
         reason = "no key" if key is None else "a key that is unknown, expired or revoked"

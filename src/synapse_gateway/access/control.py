@@ -34,6 +34,7 @@ class Admitted:
     grant: Grant | None
     reserved: Usage
     prompt_tokens: int
+    shared: bool = False  # the limits live in Redis: `AccessControl.acquire` / `settle_shared` are awaited
 
 
 class AccessControl:
@@ -61,11 +62,13 @@ class AccessControl:
             resolution = dataclasses.replace(resolution, fallbacks=allowed)
         return resolution
 
-    async def admit(self, key: ApiKey, model: str, payload: dict[str, Any] | None, *, body_size: int,
-                    generates: bool) -> Admitted | None:
-        """Take the key's limits for one request, or raise 429 with the limit's state; None when the key
-        has no limits (and no prices of its own), so there is nothing to hold or settle.
+    def admit(self, key: ApiKey, model: str, payload: dict[str, Any] | None, *, body_size: int,
+              generates: bool) -> Admitted | None:
+        """Reserve for one request and take the key's in-process limits now (429 with the limit's state
+        when one refuses); None when the key has no limits (and no prices of its own). With limits
+        shared through Redis, `shared` says `acquire` must still be awaited.
 
+        Not a coroutine: it runs on every request of a limited key, and in-process limits never wait.
         `generates`: whether the answer is made of tokens (chat, completions), so `max_tokens` counts.
         """
         limits = key.limits(time.time())
@@ -73,36 +76,52 @@ class AccessControl:
             return None
         prompt = body_size // _BYTES_PER_TOKEN if payload is not None else 0
         answer = _max_tokens(payload, key.settings.default_max_tokens or self.default_max_tokens) if generates else 0
-        prices = self._prices(key)
+        prices = self._prices(key) if key.settings.prices else self.prices
         reserved = Usage(prompt + answer, cost_of(prices, model, prompt, answer) if prices else 0.0)
-        if not limits.any:
-            return Admitted(key, model, None, reserved, prompt)  # priced by its own table, for the ledger
-        try:
+        admitted = Admitted(key, model, None, reserved, prompt)
+        if limits.any:
             local = self._local
-            grant = (local.take(key.id, limits, reserved) if local is not None
-                     else await self.limiter.acquire(key.id, limits, reserved))
-        except LimitExceeded as exc:
-            log.info("key %s refused: %s", key.id, exc.reason)
-            raise _refusal(exc) from None
-        return Admitted(key, model, grant, reserved, prompt)
+            if local is None:
+                admitted.shared = True
+                return admitted
+            try:
+                admitted.grant = local.take(key.id, limits, reserved)
+            except LimitExceeded as exc:
+                raise self._refused(key, exc) from None
+        return admitted
 
-    async def settle(self, admitted: Admitted, record: RequestRecord) -> float:
-        """Charge what the request really used and free its hold; returns its cost."""
+    async def acquire(self, admitted: Admitted) -> None:
+        """Take the limits shared through Redis for an admitted request (`admitted.shared`)."""
+        key = admitted.key
+        try:
+            admitted.grant = await self.limiter.acquire(key.id, key.limits(time.time()), admitted.reserved)
+        except LimitExceeded as exc:
+            raise self._refused(key, exc) from None
+
+    @staticmethod
+    def _refused(key: ApiKey, exc: LimitExceeded) -> RateLimited:
+        log.info("key %s refused: %s", key.id, exc.reason)
+        return _refusal(exc)
+
+    def settle(self, admitted: Admitted, record: RequestRecord) -> Usage:
+        """Charge what the request really used to in-process limits, and return it; a grant held in
+        Redis is settled by awaiting `settle_shared` with it."""
         used = self.usage_of(admitted, record)
         grant = admitted.grant
-        if grant is not None:
-            if self._local is not None:
-                self._local.give_back(grant, used)
-            else:
-                await self.limiter.settle(grant, used)
-        return used.cost
+        if grant is not None and self._local is not None:
+            self._local.give_back(grant, used)
+        return used
+
+    async def settle_shared(self, admitted: Admitted, used: Usage) -> None:
+        if admitted.grant is not None:
+            await self.limiter.settle(admitted.grant, used)
 
     def usage_of(self, admitted: Admitted, record: RequestRecord) -> Usage:
         """The backend's `usage` when it sent one; else the reservation if an answer was under way (a
         client that leaves mid-stream still pays), and nothing for a request that never got one."""
         if record.tokens_in is not None or record.tokens_out is not None:
             tokens_in, tokens_out = record.tokens_in or 0, record.tokens_out or 0
-            prices = self._prices(admitted.key)
+            prices = self._prices(admitted.key) if admitted.key.settings.prices else self.prices
             cost = cost_of(prices, admitted.model, tokens_in, tokens_out) if prices else 0.0
             return Usage(tokens_in + tokens_out, cost)
         if record.first_byte is not None or (200 <= record.status < 300 and record.error is None):
@@ -118,7 +137,7 @@ class AccessControl:
 
     def _prices(self, key: ApiKey) -> dict[str, Price]:
         own = key.settings.prices
-        return {**self.prices, **own} if own else self.prices
+        return {**self.prices, **own} if own else self.prices  # a key's own table is rare: merged when asked
 
 
 def _max_tokens(payload: dict[str, Any] | None, default: int) -> int:

@@ -67,6 +67,7 @@ class ApiKey:
     source: Literal["api", "config"] = "api"
     _patterns: tuple[re.Pattern[str], ...] | None = field(default=None, repr=False, compare=False)
     restricted: bool = field(default=False, repr=False, compare=False)  # only some models (read per request)
+    admin: bool = field(default=False, repr=False, compare=False)  # the `admin` scope (read per request)
     digest: bytes = field(default=b"", repr=False, compare=False)  # the stored hash, as bytes
     # Each model name's answer from the globs, remembered (bounded): asked on every request.
     _allowed: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
@@ -80,16 +81,13 @@ class ApiKey:
         patterns = None if not names or _ALL_MODELS & set(names) else tuple(
             re.compile(translate(name)) for name in names)
         return cls(key_id, key_hash, settings, created_at, source, patterns, patterns is not None,
+                   settings.scope == "admin",
                    bytes.fromhex(key_hash.removeprefix("sha256:")))
 
     @classmethod
     def declared(cls, declared: DeclaredKey, loaded_at: float) -> ApiKey:
         settings = KeySettings(**declared.model_dump(exclude={"id", "hash"}))
         return cls.build(declared.id, declared.hash, settings, loaded_at, "config")
-
-    @property
-    def admin(self) -> bool:
-        return self.settings.scope == "admin"
 
     def usable(self, now: float) -> bool:
         """Neither revoked nor expired."""
