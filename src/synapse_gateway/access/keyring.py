@@ -61,10 +61,7 @@ class Keyring:
             key = self.keys.get(presented[_ID_START:_ID_END])
             # A key changed or rotated is a new object, so a verification is never reused for it.
             if key is not None and (self._verified.get(presented) is key or self._verify(presented, key)):
-                expires = key.settings.expires_at
-                if not key.settings.revoked and (expires is None or time.time() < expires):
-                    return Principal(key)
-                return None
+                return Principal(key) if key.usable(time.time()) else None
         if self._master is not None and hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
                                                             self._master):
             return MASTER

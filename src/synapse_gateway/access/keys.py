@@ -95,10 +95,6 @@ class ApiKey:
         return not self.settings.revoked and (expires is None or now < expires)
 
 
-    def matches(self, presented: str) -> bool:
-        """Whether `presented` is this key, compared in constant time."""
-        return hmac.compare_digest(_digest(presented), self.digest)
-
     def allows(self, model: str) -> bool:
         """Whether this key may be served `model` (a public model name)."""
         patterns = self._patterns
