@@ -12,6 +12,7 @@ import orjson
 from aiohttp import web
 
 from .access.control import Admitted, rate_headers
+from .access.keys import ApiKey
 from .accesslog import RequestRecord
 from .auth import PRINCIPAL, is_admin
 from .body import BodyDeadline, BodyFor, JsonBody, read_json_body
@@ -106,16 +107,7 @@ class Api:
             record.source, record.route = resolution.source, resolution.route
             if key is not None:
                 resolution = gateway.access.permit(key, resolution, asked=model)
-                json = body_for if isinstance(body_for, JsonBody) else None
-                admitted = gateway.access.admit(
-                    key, resolution.model, json.payload if json else None, body_size=json.size if json else 0,
-                    generates=request.path in GENERATING_PATHS)
-                if admitted is not None and admitted.shared:
-                    await gateway.access.acquire(admitted)
-                if admitted is not None and admitted.grant is not None:
-                    grant = admitted.grant
-                    record.rate = rate_headers(grant.limits.rpm, grant.limits.tpm, grant.remaining_requests,
-                                               grant.remaining_tokens) or None
+                admitted = await self._admit(gateway, key, resolution.model, body_for, record)
             return await gateway.proxy.forward(request, record, resolution, body_for=body_for,
                                                api_path=API_PATHS[request.path],
                                                allows=key.allows if key is not None and key.restricted else None)
@@ -135,6 +127,22 @@ class Api:
                 if admitted.shared:
                     await gateway.access.settle_shared(admitted, used)
             self._finish(gateway, record)
+
+    @staticmethod
+    async def _admit(gateway: Gateway, key: ApiKey, model: str, body_for: BodyFor,
+                     record: RequestRecord) -> Admitted | None:
+        """Take the key's limits for this request (429 when one refuses); its rate state goes on the record."""
+        json = body_for if isinstance(body_for, JsonBody) else None
+        admitted = gateway.access.admit(key, model, json.payload if json else None,
+                                        body_size=json.size if json else 0,
+                                        generates=record.path in GENERATING_PATHS)
+        if admitted is not None and admitted.shared:
+            await gateway.access.acquire(admitted)
+        if admitted is not None and admitted.grant is not None:
+            grant = admitted.grant
+            record.rate = rate_headers(grant.limits.rpm, grant.limits.tpm, grant.remaining_requests,
+                                       grant.remaining_tokens) or None
+        return admitted
 
     def _finish(self, gateway: Gateway, record: RequestRecord) -> None:
         finished = time.perf_counter()
