@@ -107,7 +107,10 @@ class Api:
             record.source, record.route = resolution.source, resolution.route
             if key is not None:
                 resolution = gateway.access.permit(key, resolution, asked=model)
-                admitted = await self._admit(gateway, key, resolution.model, body_for, record)
+                admitted = _admit(gateway, key, resolution.model, body_for, record)
+                if admitted is not None and admitted.shared:  # limits held in Redis: one round trip
+                    await gateway.access.acquire(admitted)
+                    _note_rate(record, admitted)
             return await gateway.proxy.forward(request, record, resolution, body_for=body_for,
                                                api_path=API_PATHS[request.path],
                                                allows=key.allows if key is not None and key.restricted else None)
@@ -127,22 +130,6 @@ class Api:
                 if admitted.shared:
                     await gateway.access.settle_shared(admitted, used)
             self._finish(gateway, record)
-
-    @staticmethod
-    async def _admit(gateway: Gateway, key: ApiKey, model: str, body_for: BodyFor,
-                     record: RequestRecord) -> Admitted | None:
-        """Take the key's limits for this request (429 when one refuses); its rate state goes on the record."""
-        json = body_for if isinstance(body_for, JsonBody) else None
-        admitted = gateway.access.admit(key, model, json.payload if json else None,
-                                        body_size=json.size if json else 0,
-                                        generates=record.path in GENERATING_PATHS)
-        if admitted is not None and admitted.shared:
-            await gateway.access.acquire(admitted)
-        if admitted is not None and admitted.grant is not None:
-            grant = admitted.grant
-            record.rate = rate_headers(grant.limits.rpm, grant.limits.tpm, grant.remaining_requests,
-                                       grant.remaining_tokens) or None
-        return admitted
 
     def _finish(self, gateway: Gateway, record: RequestRecord) -> None:
         finished = time.perf_counter()
@@ -236,6 +223,24 @@ class Api:
         if gpu is None:
             raise NotFound("this gateway has no `gpu:` section in its config, so nothing is GPU-scheduled")
         return gpu
+
+
+def _admit(gateway: Gateway, key: ApiKey, model: str, body_for: BodyFor, record: RequestRecord) -> Admitted | None:
+    """Take the key's in-process limits for this request (429 when one refuses); not a coroutine."""
+    json = body_for if isinstance(body_for, JsonBody) else None
+    admitted = gateway.access.admit(key, model, json.payload if json else None, body_size=json.size if json else 0,
+                                    generates=record.path in GENERATING_PATHS)
+    if admitted is not None:
+        _note_rate(record, admitted)
+    return admitted
+
+
+def _note_rate(record: RequestRecord, admitted: Admitted) -> None:
+    """The key's rate state after this request, for the answer's x-ratelimit-* headers."""
+    grant = admitted.grant
+    if grant is not None:
+        record.rate = rate_headers(grant.limits.rpm, grant.limits.tpm, grant.remaining_requests,
+                                   grant.remaining_tokens) or None
 
 
 def _asking_for_usage(payload: dict[str, Any], raw: bytes, record: RequestRecord) -> tuple[dict[str, Any], bytes]:
