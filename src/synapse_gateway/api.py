@@ -94,7 +94,7 @@ class Api:
         admitted: Admitted | None = None
         try:
             if principal is not None:
-                record.key_id = principal.id
+                record.key_id = key.id if key is not None else "master"
             deadline = BodyDeadline(idle=settings.body_idle_timeout, total=settings.body_timeout)
             model, body_for = await read(request, record, deadline)
             record.model = model
@@ -106,7 +106,8 @@ class Api:
                 raise
             record.source, record.route = resolution.source, resolution.route
             if key is not None:
-                resolution = gateway.access.permit(key, resolution, asked=model)
+                if key.restricted:
+                    resolution = gateway.access.permit(key, resolution, asked=model)
                 admitted = _admit(gateway, key, resolution.model, body_for, record)
                 if admitted is not None and admitted.shared:  # limits held in Redis: one round trip
                     await gateway.access.acquire(admitted)

@@ -40,7 +40,7 @@ class Keyring:
         now = time.time()
         self.declared = {d.id: ApiKey.declared(d, now) for d in auth.keys}
         self.keys: dict[str, ApiKey] = dict(self.declared)
-        self._verified: dict[str, ApiKey] = {}
+        self._verified: dict[str, Principal] = {}
         self._connect = connect
         self._interval = auth.key_sync_interval
         self._store: KeyStore | None = None
@@ -59,21 +59,25 @@ class Keyring:
         """
         if presented.startswith(KEY_PREFIX) and len(presented) > _ID_END and presented[_ID_END] == "-":
             key = self.keys.get(presented[_ID_START:_ID_END])
-            # A key changed or rotated is a new object, so a verification is never reused for it.
-            if key is not None and (self._verified.get(presented) is key or self._verify(presented, key)):
-                return Principal(key) if key.usable(time.time()) else None
+            if key is not None:
+                # A key changed or rotated is a new object, so a verification is never reused for it.
+                principal = self._verified.get(presented)
+                if principal is None or principal.key is not key:
+                    principal = self._verify(presented, key)
+                if principal is not None:
+                    return principal if key.usable(time.time()) else None
         if self._master is not None and hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
                                                             self._master):
             return MASTER
         return None
 
-    def _verify(self, presented: str, key: ApiKey) -> bool:
+    def _verify(self, presented: str, key: ApiKey) -> Principal | None:
         if not hmac.compare_digest(hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest(), key.digest):
-            return False
+            return None
         if len(self._verified) >= _VERIFIED_MAX:
             self._verified.clear()
-        self._verified[presented] = key
-        return True
+        principal = self._verified[presented] = Principal(key)
+        return principal
 
     # -- keeping in step with the database --------------------------------------------------------
 
