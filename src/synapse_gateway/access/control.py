@@ -33,7 +33,6 @@ class Admitted:
     model: str
     grant: Grant | None
     reserved: Usage
-    prompt_tokens: int
     shared: bool = False  # the limits live in Redis: `AccessControl.acquire` / `settle_shared` are awaited
 
 
@@ -78,7 +77,7 @@ class AccessControl:
         answer = _max_tokens(payload, key.settings.default_max_tokens or self.default_max_tokens) if generates else 0
         prices = self._prices(key) if key.settings.prices else self.prices
         reserved = Usage(prompt + answer, cost_of(prices, model, prompt, answer) if prices else 0.0)
-        admitted = Admitted(key, model, None, reserved, prompt)
+        admitted = Admitted(key, model, None, reserved)
         if limits.any:
             local = self._local
             if local is None:
