@@ -111,7 +111,7 @@ class Api:
                 admitted = _admit(gateway, key, resolution.model, body_for, record)
                 if admitted is not None and admitted.shared:  # limits held in Redis: one round trip
                     await gateway.access.acquire(admitted)
-                    _note_rate(record, admitted)
+                    _note_rate(gateway, record, admitted)
             return await gateway.proxy.forward(request, record, resolution, body_for=body_for,
                                                api_path=API_PATHS[request.path],
                                                allows=key.allows if key is not None and key.restricted else None)
@@ -232,14 +232,15 @@ def _admit(gateway: Gateway, key: ApiKey, model: str, body_for: BodyFor, record:
     admitted = gateway.access.admit(key, model, json.payload if json else None, body_size=json.size if json else 0,
                                     generates=record.path in GENERATING_PATHS)
     if admitted is not None:
-        _note_rate(record, admitted)
+        _note_rate(gateway, record, admitted)
     return admitted
 
 
-def _note_rate(record: RequestRecord, admitted: Admitted) -> None:
-    """The key's rate state after this request, for the answer's x-ratelimit-* headers."""
+def _note_rate(gateway: Gateway, record: RequestRecord, admitted: Admitted) -> None:
+    """The key's rate state after this request, for the answer's x-ratelimit-* headers (when they go on
+    every answer: `auth.rate_limit_headers: always`)."""
     grant = admitted.grant
-    if grant is not None:
+    if grant is not None and gateway.access.headers_always:
         record.rate = rate_headers(grant.limits.rpm, grant.limits.tpm, grant.remaining_requests,
                                    grant.remaining_tokens) or None
 

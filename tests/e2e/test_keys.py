@@ -263,8 +263,9 @@ def test_no_key_material_reaches_the_logs(start_gateway: GatewayFactory, vllm: F
     assert key.split("-")[2] in access, "the public id is what identifies a key in the access log"
 
 
-def test_rate_headers_and_429(start_gateway: GatewayFactory, vllm: FakeVLLM) -> None:
-    gw = start_gateway(keyed({"v": {"url": vllm.url}}))
+def test_rate_headers_on_every_answer_and_429(start_gateway: GatewayFactory, vllm: FakeVLLM) -> None:
+    gw = start_gateway(keyed({"v": {"url": vllm.url}}, auth={"mode": "required", "master_key": MASTER,
+                                                            "rate_limit_headers": "always"}))
     key = new_key(gw, rpm_limit=2, tpm_limit=100000)
     body = {"model": "llama-3.2-8b", "messages": MESSAGES, "max_tokens": 10}
     with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}) as http:
@@ -280,3 +281,15 @@ def test_rate_headers_and_429(start_gateway: GatewayFactory, vllm: FakeVLLM) -> 
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert len(chat_calls(vllm)) == 2
+
+
+def test_by_default_rate_headers_come_with_the_429(start_gateway: GatewayFactory, vllm: FakeVLLM) -> None:
+    gw = start_gateway(keyed({"v": {"url": vllm.url}}))
+    key = new_key(gw, rpm_limit=1)
+    body = {"model": "llama-3.2-8b", "messages": MESSAGES}
+    with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}) as http:
+        served = http.post("/v1/chat/completions", json=body)
+        refused = http.post("/v1/chat/completions", json=body)
+    assert served.status_code == 200 and "x-ratelimit-limit-requests" not in served.headers
+    assert refused.status_code == 429 and refused.headers["x-ratelimit-limit-requests"] == "1"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0" and "Retry-After" in refused.headers

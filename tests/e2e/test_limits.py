@@ -75,7 +75,8 @@ def test_one_parallel_request_with_a_slow_backend(start_gateway: GatewayFactory)
 
 
 def test_tokens_per_minute_reserve_then_settle(start_gateway: GatewayFactory, vllm: FakeVLLM) -> None:
-    gw = start_gateway(keyed({"v": {"url": vllm.url}}))
+    gw = start_gateway(keyed({"v": {"url": vllm.url}}, auth={"mode": "required", "master_key": "sk-master-test-1234",
+                                                            "rate_limit_headers": "always"}))
     key = new_key(gw, tpm_limit=1000)
     with openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as c:
         raw = c.chat.completions.with_raw_response.create(model="llama-3.2-8b", messages=MESSAGES, max_tokens=900)

@@ -45,6 +45,7 @@ class AccessControl:
         self._local = limiter if isinstance(limiter, MemoryLimiter) else None
         self.prices = auth.prices
         self.default_max_tokens = auth.default_max_tokens
+        self.headers_always = auth.rate_limit_headers == "always"
 
     @staticmethod
     def permit(key: ApiKey, resolution: Resolution, *, asked: str | None = None) -> Resolution:
