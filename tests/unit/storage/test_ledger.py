@@ -305,3 +305,29 @@ async def test_a_postgresql_connection_killed_mid_write_loses_nothing_and_the_sh
         await ledger.close()
         await shared.close()
         await admin.close()
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"key_id": None, "model": None, "tokens_in": None, "tokens_out": None, "cost": None, "ttft_ms": None},
+    {"tokens_in": 2**31},
+    {"cost": float("inf")},
+    {"stream": 1},
+])
+def test_the_fast_row_is_the_checked_row_or_defers_to_it(changes: dict[str, object]) -> None:
+    from synapse_gateway.storage.ledger import UsageEvent, _checked_row, _row
+
+    fields: dict[str, object] = {
+        "time": 1.7e9, "request_id": "r", "key_id": "k", "model": "m", "served_model": "s", "backend": "b",
+        "route": "m", "status": 200, "tokens_in": 3, "tokens_out": 4, "audio_seconds": 1.5, "characters": 9,
+        "latency_ms": 2.5, "ttft_ms": 1.25, "stream": True, "cost": 0.5, "path": "/v1/chat/completions"}
+    event = UsageEvent(**{**fields, **changes})  # type: ignore[arg-type]
+    try:
+        checked: tuple[object, ...] | None = _checked_row(event)
+    except (TypeError, ValueError):
+        checked = None
+    if checked is None:
+        with pytest.raises((TypeError, ValueError)):
+            _row(event)
+    else:
+        assert _row(event) == checked
