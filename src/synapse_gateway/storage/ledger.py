@@ -8,8 +8,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -21,31 +20,31 @@ T = TypeVar("T")
 _INT32 = 2**31  # INTEGER columns are 32-bit on PostgreSQL
 
 
-@dataclass(slots=True, kw_only=True)
-class UsageEvent:
-    """One request's usage, a row of usage_events. `model` is the name the client asked for, `served_model`
-    the one that answered; `time` is unix seconds."""
+class UsageEvent(NamedTuple):
+    """One request's usage, a row of usage_events (its fields in column order, so that a checked event
+    is itself the row). `model` is the name the client asked for, `served_model` the one that
+    answered; `time` is unix seconds. A named tuple: one is made per request."""
 
     time: float
     request_id: str
+    status: int
+    latency_ms: float
+    path: str
     key_id: str | None = None
     model: str | None = None
     served_model: str | None = None
     backend: str | None = None
     route: str | None = None
-    status: int
     tokens_in: int | None = None
     tokens_out: int | None = None
     audio_seconds: float | None = None
     characters: int | None = None
-    latency_ms: float
     ttft_ms: float | None = None
     stream: bool = False
     cost: float | None = None
-    path: str
 
 
-_COLUMNS = tuple(field.name for field in fields(UsageEvent))
+_COLUMNS = UsageEvent._fields
 _INSERT = f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
 
@@ -248,9 +247,7 @@ def _row(event: UsageEvent) -> tuple[Any, ...]:
             and (ttft is None or (type(ttft) is float and math.isfinite(ttft)))
             and all(v is None or type(v) is str
                     for v in (event.key_id, event.model, event.served_model, event.backend, event.route))):
-        return (event.time, event.request_id, event.key_id, event.model, event.served_model, event.backend,
-                event.route, event.status, tokens_in, tokens_out, audio, characters, event.latency_ms, ttft,
-                event.stream, cost, event.path)
+        return event  # already the row: its fields are the columns, in order
     return _checked_row(event)
 
 
@@ -260,21 +257,21 @@ def _checked_row(event: UsageEvent) -> tuple[Any, ...]:
     return (
         _checked(float, event.time),
         _checked(str, event.request_id),
+        _checked(int, event.status),
+        _checked(float, event.latency_ms),
+        _checked(str, event.path),
         _optional(str, event.key_id),
         _optional(str, event.model),
         _optional(str, event.served_model),
         _optional(str, event.backend),
         _optional(str, event.route),
-        _checked(int, event.status),
         _optional(int, event.tokens_in),
         _optional(int, event.tokens_out),
         _optional(float, event.audio_seconds),
         _optional(int, event.characters),
-        _checked(float, event.latency_ms),
         _optional(float, event.ttft_ms),
         bool(event.stream),
         _optional(float, event.cost),
-        _checked(str, event.path),
     )
 
 
