@@ -85,12 +85,7 @@ def is_admin(request: web.Request, keyring: Keyring) -> bool:
 
 
 def _authenticate(request: web.Request, keyring: Keyring) -> Principal:
-    # presented_key, inline: this runs on every request
-    authorization = request.headers.get("Authorization")
-    if authorization is not None and authorization[:7].lower() == "bearer " and authorization[7:].strip():
-        key: str | None = authorization[7:].strip()
-    else:
-        key = presented_key(request)
+    key = presented_key(request)
     principal = keyring.authenticate(key) if key is not None else None
     if principal is None:
         reason = "no key" if key is None else "a key that is unknown, expired or revoked"

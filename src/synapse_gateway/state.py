@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
-from .storage.database import Database, open_database
-from .storage.migrations import migrate
+from .storage.database import Database
+from .storage.migrations import open_migrated
 
 
 class StateDatabase:
@@ -26,13 +26,7 @@ class StateDatabase:
             return database
         async with self._opening:
             if self._database is None:
-                opened = await open_database(self.url)
-                try:
-                    await migrate(opened)
-                except BaseException:
-                    await opened.close()
-                    raise
-                self._database = opened
+                self._database = await open_migrated(self.url)
             return self._database
 
     async def close(self) -> None:

@@ -9,7 +9,6 @@ database that cannot be reached keeps the last known keys in force and is retrie
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import time
@@ -20,11 +19,9 @@ from ..config.access import AuthConfig, KeySettings
 from ..errors import Conflict, DatabaseUnavailable, NotFound
 from ..storage.database import Database, StorageError
 from ..storage.keystore import KeyStore, StoredKey
-from .keys import KEY_PREFIX, MASTER, ApiKey, Principal, hash_key, key_id_of, matches_hash, new_key
+from .keys import MASTER, ApiKey, Principal, digest_of, hash_key, key_id_of, matches_hash, new_key
 
 log = logging.getLogger("synapse.keys")
-_ID_START = len(KEY_PREFIX)
-_ID_END = _ID_START + 12  # keys read `sk-syn-<12-character id>-<secret>`
 # Keys already verified, each with the key object it matched: a client sends the same key on every
 # request, so its SHA-256 is computed once, not per request. Bounded; only correct keys enter.
 _VERIFIED_MAX = 10000
@@ -55,10 +52,11 @@ class Keyring:
     def authenticate(self, presented: str) -> Principal | None:
         """The principal behind a presented key, or None for a missing, unknown, expired or revoked one.
 
-        Runs on every request: the id lookup, SHA-256 and constant-time comparison are written inline.
+        A key value is hashed once; later requests with it are a dict lookup.
         """
-        if presented.startswith(KEY_PREFIX) and len(presented) > _ID_END and presented[_ID_END] == "-":
-            key = self.keys.get(presented[_ID_START:_ID_END])
+        key_id = key_id_of(presented)
+        if key_id is not None:
+            key = self.keys.get(key_id)
             if key is not None:
                 # A key changed or rotated is a new object, so a verification is never reused for it.
                 principal = self._verified.get(presented)
@@ -72,7 +70,7 @@ class Keyring:
         return None
 
     def _verify(self, presented: str, key: ApiKey) -> Principal | None:
-        if not hmac.compare_digest(hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest(), key.digest):
+        if not hmac.compare_digest(digest_of(presented), key.digest):
             return None
         if len(self._verified) >= _VERIFIED_MAX:
             self._verified.clear()

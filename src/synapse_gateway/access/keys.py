@@ -34,7 +34,7 @@ def new_key(key_id: str | None = None) -> tuple[str, str]:
 
 
 def hash_key(key: str) -> str:
-    return "sha256:" + _digest(key).hex()
+    return "sha256:" + digest_of(key).hex()
 
 
 def key_id_of(presented: str) -> str | None:
@@ -48,10 +48,10 @@ def key_id_of(presented: str) -> str | None:
 
 def matches_hash(presented: str, stored_hash: str) -> bool:
     """Whether `presented` hashes to `stored_hash`, compared in constant time."""
-    return hmac.compare_digest(_digest(presented), bytes.fromhex(stored_hash.removeprefix("sha256:")))
+    return hmac.compare_digest(digest_of(presented), bytes.fromhex(stored_hash.removeprefix("sha256:")))
 
 
-def _digest(presented: str) -> bytes:
+def digest_of(presented: str) -> bytes:
     # surrogateescape: a header's undecodable bytes hash like any other wrong key (never an error)
     return hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
 
