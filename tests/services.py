@@ -52,6 +52,19 @@ def require_postgres() -> str:
     raise AssertionError("unreachable")
 
 
+async def drop_redis_keys(prefix: str, url: str = REDIS_URL) -> None:
+    """Delete every key a test wrote under `prefix`."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
 class CuttableRelay:
     """A TCP relay in front of a real service, run on its own thread: `cut()` stages an outage (the
     port refuses and open connections drop), `restore()` ends it on the same port."""

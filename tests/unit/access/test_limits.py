@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from synapse_gateway.access.limits import Grant, Limiter, LimitExceeded, Limits, MemoryLimiter, Usage
 from synapse_gateway.access.redis_limits import RedisLimiter
-from tests.services import REDIS_HOST, REDIS_PORT, require_redis
+from tests.services import REDIS_HOST, REDIS_PORT, CuttableRelay, drop_redis_keys, require_redis
 
 LEASE = 0.6  # seconds; short, so a dead replica's grants lapse within the test
 HOUR = 3600.0
@@ -44,16 +44,6 @@ def in_period(*, token_budget: int | None = None, money_budget: float | None = N
     return Limits(token_budget=token_budget, money_budget=money_budget, period="p1", period_end=time.time() + HOUR)
 
 
-async def drop_keys(url: str, prefix: str) -> None:
-    client = aioredis.Redis.from_url(url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
 def limiter_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "synapse.limits" and r.levelno >= logging.WARNING]
 
@@ -63,7 +53,7 @@ async def prefix() -> AsyncIterator[str]:
     url = require_redis()
     prefix = f"synapse-test-{uuid.uuid4().hex}"
     yield prefix
-    await drop_keys(url, prefix)
+    await drop_redis_keys(prefix, url)
 
 
 @pytest.fixture
@@ -97,7 +87,7 @@ async def limiter(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixtu
         yield redis_limiter
     finally:
         await redis_limiter.close()
-        await drop_keys(url, prefix)
+        await drop_redis_keys(prefix, url)
     assert limiter_warnings(caplog) == []
 
 
@@ -318,68 +308,33 @@ async def test_without_redis_limits_still_hold_per_replica(caplog: pytest.LogCap
     assert len(warnings) == 1 and "127.0.0.1:1" in warnings[0]
 
 
-class Relay:
-    """A TCP relay to the test Redis that can be cut and restored, to stage an outage and a recovery."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
-
-    async def serve(self) -> None:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.close()
-        await self.server.wait_closed()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(REDIS_HOST, REDIS_PORT)
-        self.writers |= {writer, up_writer}
-
-        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            sink.close()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-
-
 async def test_an_outage_keeps_budgets_and_pays_its_spend_when_redis_returns(
     replicas: StartReplica, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="synapse.limits")
-    relay = Relay()
-    await relay.serve()
-    limiter = await replicas(f"redis://127.0.0.1:{relay.port}/0", recheck=0.1)
-    limits = in_period(token_budget=100)
-    await limiter.settle(await limiter.acquire("k", limits, Usage(40)), Usage(40))
-    await relay.cut()
-    during = await limiter.acquire("k", limits, Usage(40))  # in-process, from the 40 Redis last reported
-    assert (await refusal(limiter, limits, Usage(40))).reason == "budget"
-    await limiter.settle(during, Usage(30))
-    await relay.serve()
-    client = aioredis.Redis(host=REDIS_HOST, port=REDIS_PORT, decode_responses=True)
-    try:
-        deadline = time.monotonic() + 3
-        while await client.hget(f"{prefix}:limits:{{k}}:spend:p1", "tokens") != "70":
-            assert time.monotonic() < deadline, "the spend settled during the outage never reached Redis"
-            await asyncio.sleep(0.05)
-    finally:
-        await client.aclose()
-    assert await limiter.spent("k", "p1") == Usage(70)
-    assert len(limiter_warnings(caplog)) == 1
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
-        f"Redis at redis://127.0.0.1:{relay.port}/0 answers again: limits are shared across replicas again"
-    ]
-    caplog.clear()  # the outage was staged: the fixture's check for fallbacks must not count it
-    await relay.cut()
+    with CuttableRelay(REDIS_HOST, REDIS_PORT) as relay:  # cut and restored on the same port
+        limiter = await replicas(f"redis://127.0.0.1:{relay.port}/0", recheck=0.1)
+        limits = in_period(token_budget=100)
+        await limiter.settle(await limiter.acquire("k", limits, Usage(40)), Usage(40))
+        relay.cut()
+        during = await limiter.acquire("k", limits, Usage(40))  # in-process, from the 40 Redis last reported
+        assert (await refusal(limiter, limits, Usage(40))).reason == "budget"
+        await limiter.settle(during, Usage(30))
+        relay.restore()
+        client = aioredis.Redis(host=REDIS_HOST, port=REDIS_PORT, decode_responses=True)
+        try:
+            deadline = time.monotonic() + 3
+            while await client.hget(f"{prefix}:limits:{{k}}:spend:p1", "tokens") != "70":
+                assert time.monotonic() < deadline, "the spend settled during the outage never reached Redis"
+                await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+        assert await limiter.spent("k", "p1") == Usage(70)
+        assert len(limiter_warnings(caplog)) == 1
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+            f"Redis at redis://127.0.0.1:{relay.port}/0 answers again: limits are shared across replicas again"
+        ]
+        caplog.clear()  # the outage was staged: the fixture's check for fallbacks must not count it
 
 
 async def test_a_grant_made_for_a_request_that_left_is_given_back(replicas: StartReplica) -> None:

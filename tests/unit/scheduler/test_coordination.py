@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import sys
@@ -28,11 +27,9 @@ from synapse_gateway.scheduler.coordination import (
 from synapse_gateway.scheduler.metrics import SchedulerMetrics
 from synapse_gateway.scheduler.redis_coordination import RedisCoordinator
 from synapse_gateway.scheduler.scheduler import Scheduler
+from tests.services import REDIS_HOST, REDIS_URL, drop_redis_keys, require_redis
 from tests.unit.scheduler.simulated import SimDriver, SimGpu, sim_unit
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
-ENV_REQUIRE = "SYNAPSE_REQUIRE_SERVICES"
 GiB = 2**30
 
 # Another replica in its own process, so it can really die (SIGKILL) or stall (SIGSTOP) holding the lease.
@@ -98,37 +95,12 @@ class ChildReplica:
         return (await asyncio.wait_for(self.proc.stdout.readline(), timeout=20)).split()
 
 
-def require_redis() -> None:
-    """Skip without a Redis, but fail under SYNAPSE_REQUIRE_SERVICES=1 so CI can't pass by skipping."""
-    try:
-        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            if sock.recv(16).startswith(b"+PONG"):
-                return
-    except OSError:
-        pass
-    reason = f"no Redis answers at {REDIS_HOST}:{REDIS_PORT} (start one: `redis-server --daemonize yes`)"
-    if os.environ.get(ENV_REQUIRE, "").strip() == "1":
-        pytest.fail(f"{reason} ({ENV_REQUIRE}=1)", pytrace=False)
-    pytest.skip(reason)
-
-
-async def drop_keys(prefix: str) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
 @pytest.fixture
 async def prefix() -> AsyncIterator[str]:
     require_redis()
     prefix = f"synapse-test-{uuid.uuid4().hex}"
     yield prefix
-    await drop_keys(prefix)
+    await drop_redis_keys(prefix)
 
 
 @pytest.fixture
@@ -161,7 +133,7 @@ async def coordinator(request: pytest.FixtureRequest) -> AsyncIterator[Coordinat
         yield solo
     finally:
         await solo.close()
-        await drop_keys(prefix)
+        await drop_redis_keys(prefix)
 
 
 async def hammer(coordinators: list[Coordinator], tasks_each: int, rounds: int) -> list[int]:

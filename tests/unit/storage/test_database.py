@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -138,13 +140,24 @@ async def test_a_cancelled_transaction_leaves_sqlite_usable(sqlite_url: str) -> 
         await db.close()
 
 
-async def test_sqlite_waiting_on_a_lock_does_not_block_the_event_loop(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def contended(tmp_path: Path, busy_timeout: float) -> AsyncIterator[tuple[Database, sqlite3.Connection]]:
+    """A SQLite database with a table `t` whose write lock another connection (another process, as far
+    as SQLite knows) holds with BEGIN IMMEDIATE."""
     path = tmp_path / "locked.db"
-    db = await SqliteDatabase.open(str(path), busy_timeout=5.0)
+    db = await SqliteDatabase.open(str(path), busy_timeout=busy_timeout)
     other = sqlite3.connect(path, isolation_level=None)
     try:
         await db.execute("CREATE TABLE t (x INTEGER)")
-        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        other.execute("BEGIN IMMEDIATE")
+        yield db, other
+    finally:
+        other.close()
+        await db.close()
+
+
+async def test_sqlite_waiting_on_a_lock_does_not_block_the_event_loop(tmp_path: Path) -> None:
+    async with contended(tmp_path, busy_timeout=5.0) as (db, other):
         write = asyncio.create_task(db.execute("INSERT INTO t (x) VALUES (1)"))
         ticks = 0
         for _ in range(20):
@@ -154,34 +167,18 @@ async def test_sqlite_waiting_on_a_lock_does_not_block_the_event_loop(tmp_path: 
         other.execute("COMMIT")
         await asyncio.wait_for(write, 5)
         assert await db.fetchval("SELECT COUNT(*) FROM t") == 1
-    finally:
-        other.close()
-        await db.close()
 
 
 async def test_a_lock_held_past_the_busy_timeout_is_a_storage_error(tmp_path: Path) -> None:
-    path = tmp_path / "locked.db"
-    db: Database = await SqliteDatabase.open(str(path), busy_timeout=0.05)
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
-        await db.execute("CREATE TABLE t (x INTEGER)")
-        other.execute("BEGIN IMMEDIATE")
+    async with contended(tmp_path, busy_timeout=0.05) as (db, other):
         with pytest.raises(StorageError, match="locked"):
             await db.execute("INSERT INTO t (x) VALUES (1)")
         other.execute("ROLLBACK")
         await db.execute("INSERT INTO t (x) VALUES (1)")
-    finally:
-        other.close()
-        await db.close()
 
 
 async def test_a_transaction_cancelled_while_waiting_to_begin_leaves_no_transaction_open(tmp_path: Path) -> None:
-    path = tmp_path / "locked.db"
-    db = await SqliteDatabase.open(str(path), busy_timeout=5.0)
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
-        await db.execute("CREATE TABLE t (x INTEGER)")
-        other.execute("BEGIN IMMEDIATE")
+    async with contended(tmp_path, busy_timeout=5.0) as (db, other):
 
         async def write() -> None:
             async with db.transaction() as tx:
@@ -196,9 +193,6 @@ async def test_a_transaction_cancelled_while_waiting_to_begin_leaves_no_transact
         await db.execute("INSERT INTO t (x) VALUES (2)")
         # Committed, so another connection sees it: our connection was not left inside that BEGIN.
         assert other.execute("SELECT x FROM t").fetchall() == [(2,)]
-    finally:
-        other.close()
-        await db.close()
 
 
 def test_the_postgresql_driver_is_imported_only_when_a_postgresql_url_is_opened() -> None:

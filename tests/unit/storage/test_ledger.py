@@ -49,13 +49,9 @@ def registry() -> CollectorRegistry:
 
 
 @pytest.fixture
-async def admin(url: str) -> AsyncIterator[Database]:
-    """The test's own connection to the ledger's database, migrated."""
-    db = await open_migrated(url)
-    try:
-        yield db
-    finally:
-        await db.close()
+def admin(db: Database) -> Database:
+    """The test's own connection to the ledger's database (conftest's `db`: migrated, per dialect)."""
+    return db
 
 
 class Connector:
